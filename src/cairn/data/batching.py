@@ -1,0 +1,49 @@
+"""Tokenise examples for answer-only training and batch them by length with dynamic padding."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from cairn.data.task import Example
+
+IGNORE = -100
+
+
+def encode(example: Example, tokenizer, max_length: int = 1024) -> dict[str, list[int]]:
+    """Token ids of prompt + answer + EOS; labels are IGNORE on the prompt so the loss is on the answer.
+
+    The answer gets a leading space when the prompt ends without one, matching how generation
+    continues a prompt. Over-long examples lose prompt tokens from the left, never answer tokens.
+    """
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    joiner = "" if example.prompt[-1:].isspace() or example.answer[:1].isspace() else " "
+    answer_ids = tokenizer(joiner + example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = answer_ids[:max_length]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(answer_ids) - max_length) :]
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "labels": [IGNORE] * len(prompt_ids) + answer_ids,
+    }
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest sequence (never to a global maximum)."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def length_grouped_loader(features: list[dict], batch_size: int, pad_id: int, seed: int) -> DataLoader:
+    """Batches of similar length in a seeded random order (transformers' LengthGroupedSampler)."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = LengthGroupedSampler(batch_size, lengths=[len(f["input_ids"]) for f in features], generator=generator)
+    return DataLoader(features, batch_size=batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad_id))

@@ -1,0 +1,173 @@
+"""Turn a task source (file, TRACE folder, `datasets` folder, `pack:NAME`, `probe:NAME`) into a `Task`.
+
+Every user error names the file, the line or record and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from cairn.data.task import METRICS, SPLITS, Example, Task
+from cairn.errors import DataError
+
+# TRACE's metric per task (folder name), as the TRACE benchmark scores them.
+TRACE_METRICS = {
+    "C-STANCE": "choice",
+    "FOMC": "choice",
+    "ScienceQA": "choice",
+    "NumGLUE-cm": "exact",
+    "NumGLUE-ds": "exact",
+    "Py150": "edit_sim",
+    "20Minuten": "sari",
+    "MeetingBank": "rouge_l",
+    "Lima": "rouge_l",
+}
+SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "dev": "eval", "test": "test"}
+_EXTS = (".json", ".jsonl")
+
+
+def load_task(source: str, *, metric: str | None = None, name: str | None = None, seed: int = 0) -> Task:
+    """Load any task source; `metric` overrides the inferred metric, `seed` drives the 80/10/10 split."""
+    if metric is not None and metric not in METRICS:
+        raise DataError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    source = str(source)
+    if source.startswith("pack:"):
+        from cairn.data.packs import make_pack
+
+        task = make_pack(source.split(":", 1)[1])
+    elif source.startswith("probe:"):
+        from cairn.data.probes import load_probe
+
+        task = load_probe(source.split(":", 1)[1])
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"task source not found: {source} (expected a .json/.jsonl file, a folder, pack:NAME or probe:NAME)")
+        if path.is_dir():
+            task = _load_folder(path, seed)
+        else:
+            task = _from_records(path.stem, _read_records(path), "exact", seed, str(path))
+    if metric:
+        task.metric = metric
+    if name:
+        task.name = name
+    if not any(task.splits.values()):
+        raise DataError(f"{source}: no examples")
+    return task
+
+
+def _load_folder(path: Path, seed: int) -> Task:
+    metric = TRACE_METRICS.get(path.name, "exact")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _load_hf_dataset(path, metric, seed)
+    files = {split: path / f"{split}{ext}" for split in SPLITS for ext in _EXTS if (path / f"{split}{ext}").is_file()}
+    if not files:
+        raise DataError(
+            f"{path}: expected a TRACE-layout folder (train.json / eval.json / test.json, or .jsonl) "
+            "or a Hugging Face datasets folder saved with save_to_disk"
+        )
+    return Task(path.name, metric, {split: read_examples(file) for split, file in files.items()})
+
+
+def _load_hf_dataset(path: Path, metric: str, seed: int) -> Task:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise DataError(f"{path}: cannot load the datasets folder ({exc})") from exc
+    if isinstance(ds, Dataset):
+        records = [(f"row {i}", row) for i, row in enumerate(ds)]
+        return _from_records(path.name, records, metric, seed, str(path))
+    assert isinstance(ds, DatasetDict)
+    splits: dict[str, list[Example]] = {}
+    for split_name, part in ds.items():
+        split = SPLIT_ALIASES.get(split_name)
+        if split is None:
+            raise DataError(f"{path}: unknown split {split_name!r}; expected one of train, eval (or validation), test")
+        missing = {"prompt", "answer"} - set(part.column_names)
+        if missing:
+            raise DataError(f"{path} split {split_name!r}: missing column(s) {sorted(missing)}; has {part.column_names}")
+        splits[split] = [_example(row, f"{path} split {split_name} row {i}") for i, row in enumerate(part)]
+    return Task(path.name, metric, splits)
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Every record of a JSON / JSONL file as an Example (any `split` field is ignored)."""
+    return [_example(r, f"{path} {where}") for where, r in _read_records(path)]
+
+
+def _read_records(path: Path) -> list[tuple[str, object]]:
+    """(location, record) pairs from a JSON list or a JSONL file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected JSON records with 'prompt' and 'answer'")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if path.suffix == ".json":
+                raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from exc
+        else:
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} objects, got {type(data).__name__}")
+            if not data:
+                raise DataError(f"{path}: empty list; expected records with 'prompt' and 'answer'")
+            return [(f"record {i}", r) for i, r in enumerate(data)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    return records
+
+
+def _example(record, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' and 'answer', got {type(record).__name__}")
+    values = {}
+    for key in ("prompt", "answer"):
+        if key not in record:
+            raise DataError(f"{where}: missing field {key!r}")
+        value = record[key]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        values[key] = value
+    return Example(values["prompt"], values["answer"])
+
+
+def _from_records(name: str, records: list[tuple[str, object]], metric: str, seed: int, origin: str) -> Task:
+    """Records with a `split` field go where they say; without one, a seeded 80/10/10 split."""
+    with_split = [(w, r) for w, r in records if isinstance(r, dict) and "split" in r]
+    if with_split and len(with_split) != len(records):
+        where = next(w for w, r in records if not (isinstance(r, dict) and "split" in r))
+        raise DataError(f"{origin} {where}: missing field 'split' (other records have one; give it to all or none)")
+    if with_split:
+        splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        for where, r in records:
+            raw = r["split"]
+            split = SPLIT_ALIASES.get(raw) if isinstance(raw, str) else None
+            if split is None:
+                raise DataError(f"{origin} {where}: unknown split {raw!r}; expected one of train, eval, test")
+            splits[split].append(_example(r, f"{origin} {where}"))
+        return Task(name, metric, splits)
+    examples = [_example(r, f"{origin} {w}") for w, r in records]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = n_eval = len(examples) // 10
+    test = [examples[i] for i in order[:n_test]]
+    evals = [examples[i] for i in order[n_test : n_test + n_eval]]
+    train = [examples[i] for i in order[n_test + n_eval :]]
+    return Task(name, metric, {"train": train, "eval": evals, "test": test})

@@ -1,0 +1,65 @@
+"""`Example` (one prompt -> answer pair) and `Task` (named splits plus a metric)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "eval", "test")
+METRICS = ("exact", "choice", "rouge_l", "edit_sim", "sari")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt -> answer pair; training puts the loss on the answer tokens only."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Task:
+    """A named dataset with train / eval / test splits, scored by `metric` (see METRICS)."""
+
+    name: str
+    metric: str
+    splits: dict[str, list[Example]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            from cairn.errors import DataError
+
+            raise DataError(
+                f"task {self.name!r}: unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
+            )
+        for split in SPLITS:
+            self.splits.setdefault(split, [])
+
+    @property
+    def train(self) -> list[Example]:
+        return self.splits["train"]
+
+    @property
+    def eval(self) -> list[Example]:
+        return self.splits["eval"]
+
+    @property
+    def test(self) -> list[Example]:
+        return self.splits["test"]
+
+    def split(self, name: str) -> list[Example]:
+        if name not in SPLITS:
+            from cairn.errors import DataError
+
+            raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return self.splits[name]
+
+    def data_hash(self) -> str:
+        """sha256 over every split's examples: identifies the data a contribution was trained on."""
+        h = hashlib.sha256()
+        for split in SPLITS:
+            for ex in self.splits[split]:
+                h.update(json.dumps([split, ex.prompt, ex.answer], ensure_ascii=False).encode())
+                h.update(b"\n")
+        return h.hexdigest()

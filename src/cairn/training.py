@@ -1,0 +1,177 @@
+"""One training loop for full fine-tuning (FFT) and LoRA, with answer-only loss.
+
+Built on accelerate, so `accelerate launch` runs the same loop on several devices. Extra loss
+terms (regularisers of later methods) plug in through `extra_loss(model) -> tensor`.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from cairn.data.batching import IGNORE, encode, length_grouped_loader
+from cairn.data.task import Example
+
+DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of one training run; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora", "fft"] = "lora"
+    epochs: int = Field(8, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 for LoRA, 2e-5 for FFT")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="default: 2 * lora_r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    max_length: int = Field(1024, ge=8)
+    seed: int = 0
+    bf16: bool | Literal["auto"] = "auto"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+@dataclass
+class TrainResult:
+    model: object
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    steps: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_mem_mb: float = 0.0
+    trainable_params: int = 0
+    bf16: bool = False
+
+
+def bf16_supported() -> bool:
+    """True on a CUDA device with bf16, or a CPU with native bf16 instructions (AVX512-BF16 / AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap `model` with a fresh PEFT LoRA adapter as configured."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over answer tokens, computing logits only where a label exists.
+
+    Projecting only the answer positions through the output layer skips most of the
+    vocabulary-sized matmul (prompts are most of the tokens).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+
+def train(
+    model,
+    tokenizer,
+    examples: list[Example],
+    cfg: TrainConfig,
+    *,
+    extra_loss: Callable[[object], torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> TrainResult:
+    """Train `model` on `examples` (LoRA wraps it in a new adapter) and return it with its statistics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    if not examples:
+        from cairn.errors import DataError
+
+        raise DataError("no training examples")
+    set_seed(cfg.seed)
+    use_bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
+    if cfg.method == "lora":
+        model = add_lora(model, cfg)
+    else:
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    features = [encode(ex, tokenizer, cfg.max_length) for ex in examples]
+    loader = length_grouped_loader(features, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
+    total = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+
+    result = TrainResult(model=None, trainable_params=sum(p.numel() for p in params), bf16=use_bf16)
+    bar = tqdm(total=total, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
+    start = time.perf_counter()
+    window = []
+    for epoch in range(cfg.epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, _ = answer_loss(model, batch)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            result.tokens += int(batch["attention_mask"].sum())
+            window.append(loss.item())
+            if accelerator.sync_gradients:
+                result.steps += 1
+                result.losses.append(sum(window) / len(window))
+                window.clear()
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(epoch=epoch + 1, loss=f"{result.losses[-1]:.3f}", tok_s=f"{result.tokens / elapsed:.0f}")
+                bar.update(1)
+    bar.close()
+    result.wall_s = time.perf_counter() - start
+    result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0
+    result.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model.eval()
+    result.model = accelerator.unwrap_model(model)
+    return result
