@@ -175,3 +175,45 @@ def train(
     model.eval()
     result.model = accelerator.unwrap_model(model)
     return result
+
+
+def train_contribution(base: str, task, cfg: TrainConfig, out, *, progress: bool = True) -> dict:
+    """Train on `task` from `base` and save the contribution at `out` with its `cairn.json` manifest.
+
+    LoRA gives a PEFT adapter folder, FFT a Hugging Face model folder; both written atomically.
+    """
+    from pathlib import Path
+
+    from cairn.models import load_model, save_model
+    from cairn.store import file_hashes, write_manifest
+
+    model, tokenizer = load_model(base)
+    base_fp = model.cairn_fingerprint
+    result = train(model, tokenizer, task.train, cfg, progress=progress, desc=f"{cfg.method} on {task.name}")
+    out = Path(out)
+    save_model(result.model, tokenizer, out)
+    manifest = {
+        "schema": 1,
+        "kind": "adapter" if cfg.method == "lora" else "model",
+        "base": str(base),
+        "base_fingerprint": base_fp,
+        "task": task.name,
+        "metric": task.metric,
+        "data_hash": task.data_hash(),
+        "method": cfg.method,
+        "hyperparameters": cfg.model_dump(),
+        "train": {
+            "examples": len(task.train),
+            "losses": result.losses,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "wall_s": round(result.wall_s, 3),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "peak_mem_mb": round(result.peak_mem_mb, 1),
+            "trainable_params": result.trainable_params,
+            "bf16": result.bf16,
+        },
+        "files": file_hashes(out),
+    }
+    write_manifest(out, manifest)
+    return manifest

@@ -109,11 +109,12 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
     if not text.strip():
         raise DataError(f"{path}: empty file; expected JSON records with 'prompt' and 'answer'")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            if path.suffix == ".json":
+            # A .json file holding one object per line is JSONL in disguise: read it by lines.
+            if exc.msg != "Extra data":
                 raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from exc
         else:
             if not isinstance(data, list):

@@ -1,0 +1,166 @@
+"""The `cairn` command: parses arguments and calls the library. User errors print one line, no traceback.
+
+Exit codes: 0 success; 2 usage or general error; 3 bad data; 4 bad config or option;
+5 model cannot be loaded; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cairn.errors import CairnError
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
+    p.add_argument("--metric", choices=["exact", "choice", "rouge_l", "edit_sim", "sari"], help="override the task's metric")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cairn", description="Add knowledge to an LLM contribution by contribution, and measure what it keeps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA adapter or a full fine-tune on one task")
+    p.add_argument("--base", default="bundled:smollm2-135m", help="base model spec (default: bundled:smollm2-135m)")
+    _add_task_args(p)
+    p.add_argument("--method", choices=["lora", "fft"], default="lora")
+    p.add_argument("--out", required=True, type=Path, help="output folder (PEFT adapter or HF model)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-eval", action="store_true", help="skip scoring the test split after training")
+
+    p = sub.add_parser("eval", help="score a model on a task split")
+    p.add_argument("--model", required=True, help="model spec, HF folder or PEFT adapter folder")
+    _add_task_args(p)
+    p.add_argument("--split", default="test", choices=["train", "eval", "test"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", type=Path, help="write score and per-example predictions here")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled (*.bin) weights from a source you trust")
+
+    p = sub.add_parser("generate", help="greedy completion of a prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--allow-pickle", action="store_true")
+
+    p = sub.add_parser("data", help="inspect task sources")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub.add_parser("packs", help="list the built-in knowledge packs")
+    p = dsub.add_parser("inspect", help="sizes, splits, metric and a few examples of a task source")
+    p.add_argument("source")
+    p.add_argument("--metric", choices=["exact", "choice", "rouge_l", "edit_sim", "sari"])
+    p.add_argument("-n", type=int, default=3, help="examples to show per split")
+    return parser
+
+
+def _cmd_train(args) -> None:
+    from cairn.data import load_task
+    from cairn.training import TrainConfig, train_contribution
+
+    task = load_task(args.task, metric=args.metric)
+    overrides = {"epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
+    cfg = _train_config(method=args.method, **{k: v for k, v in overrides.items() if v is not None})
+    manifest = train_contribution(args.base, task, cfg, args.out)
+    t = manifest["train"]
+    print(f"trained {cfg.method} on {task.name}: {t['steps']} steps, final loss {t['losses'][-1]:.4f}, "
+          f"{t['tokens']} tokens in {t['wall_s']:.1f}s ({t['tokens_per_s']:.0f} tokens/s) -> {args.out}")
+    if not args.no_eval and task.test:
+        from cairn.evaluation import evaluate_task
+        from cairn.models import load_model
+
+        model, tokenizer = load_model(str(args.out))
+        result = evaluate_task(model, tokenizer, task, progress=True)
+        print(f"{task.name} test {task.metric}: {result.score:.4f} (n={result.n})")
+
+
+def _train_config(**values):
+    from pydantic import ValidationError
+
+    from cairn.errors import ConfigError
+    from cairn.training import TrainConfig
+
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid training option: {problems}") from None
+
+
+def _cmd_eval(args) -> None:
+    from cairn.data import load_task
+    from cairn.evaluation import evaluate_task
+    from cairn.models import load_model
+    from cairn.store import atomic_write_json
+
+    task = load_task(args.task, metric=args.metric)
+    if not task.split(args.split):
+        raise CairnError(f"task {task.name} has no {args.split!r} examples")
+    model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
+    result = evaluate_task(model, tokenizer, task, split=args.split, batch_size=args.batch_size, progress=True)
+    print(f"{task.name} {args.split} {task.metric}: {result.score:.4f} (n={result.n})")
+    if args.json:
+        atomic_write_json(args.json, result.to_dict())
+
+
+def _cmd_generate(args) -> None:
+    from cairn.evaluation import generate
+    from cairn.models import load_model
+
+    model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
+    print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def _cmd_data(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.data_command == "packs":
+        from cairn.data.packs import list_packs
+
+        table = Table("pack", "description", title="built-in knowledge packs (use as pack:NAME)")
+        for name, description in list_packs():
+            table.add_row(name, description)
+        console.print(table)
+        return
+    from cairn.data import SPLITS, load_task
+
+    task = load_task(args.source, metric=args.metric)
+    console.print(f"[bold]{task.name}[/bold]  metric: {task.metric}  data hash: {task.data_hash()[:12]}")
+    table = Table("split", "examples", "mean prompt chars", "mean answer chars")
+    for split in SPLITS:
+        xs = task.split(split)
+        mean = lambda f: f"{sum(len(f(x)) for x in xs) / len(xs):.0f}" if xs else "-"  # noqa: E731
+        table.add_row(split, str(len(xs)), mean(lambda x: x.prompt), mean(lambda x: x.answer))
+    console.print(table)
+    for split in SPLITS:
+        for ex in task.split(split)[: args.n]:
+            console.print(f"[dim]{split}[/dim] {json.dumps({'prompt': ex.prompt, 'answer': ex.answer}, ensure_ascii=False)[:300]}")
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "data": _cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        COMMANDS[args.command](args)
+    except CairnError as exc:
+        print(f"cairn {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cairn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

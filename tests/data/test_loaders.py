@@ -1,0 +1,135 @@
+import json
+
+import pytest
+
+from cairn.data import load_task
+from cairn.errors import DataError
+from conftest import TRACE, qa
+
+
+def test_jsonl_without_split_is_a_seeded_80_10_10_split(write_jsonl):
+    path = write_jsonl(qa(50))
+    a, b, c = load_task(str(path)), load_task(str(path)), load_task(str(path), seed=1)
+    assert (len(a.train), len(a.eval), len(a.test)) == (40, 5, 5)
+    assert a.splits == b.splits
+    assert a.test != c.test
+    assert a.name == "task" and a.metric == "exact"
+    prompts = [e.prompt for s in a.splits.values() for e in s]
+    assert len(set(prompts)) == 50
+
+
+def test_split_field_and_aliases(write_jsonl):
+    records = qa(3)
+    for r, s in zip(records, ["train", "validation", "test"]):
+        r["split"] = s
+    task = load_task(str(write_jsonl(records)))
+    assert [len(task.train), len(task.eval), len(task.test)] == [1, 1, 1]
+
+
+def test_json_list_and_metric_override(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(qa(10)))
+    task = load_task(str(path), metric="rouge_l", name="mine")
+    assert task.metric == "rouge_l" and task.name == "mine"
+    assert sum(len(s) for s in task.splits.values()) == 10
+
+
+def test_trace_layout_folder_with_jsonl(tmp_path):
+    folder = tmp_path / "Py150"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa(4)))
+    (folder / "test.json").write_text(json.dumps(qa(2)))
+    task = load_task(str(folder))
+    assert task.name == "Py150" and task.metric == "edit_sim"
+    assert (len(task.train), len(task.eval), len(task.test)) == (4, 0, 2)
+
+
+def test_hf_datasets_folder(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    ds = DatasetDict({"train": Dataset.from_list(qa(6)), "validation": Dataset.from_list(qa(2)), "test": Dataset.from_list(qa(3))})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    task = load_task(str(tmp_path / "hf"))
+    assert (len(task.train), len(task.eval), len(task.test)) == (6, 2, 3)
+    Dataset.from_list(qa(20)).save_to_disk(str(tmp_path / "single"))
+    assert len(load_task(str(tmp_path / "single")).test) == 2
+
+
+def test_hf_datasets_folder_missing_column(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"question": "q", "answer": "a"}])}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"missing column\(s\) \['prompt'\]"):
+        load_task(str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["{not json"], r"task.jsonl:1: not valid JSON"),
+        ([json.dumps({"prompt": "p"})], r"line 1: missing field 'answer'"),
+        ([json.dumps({"prompt": "p", "answer": "a"}), json.dumps({"prompt": "", "answer": "a"})], r"line 2: field 'prompt' is empty"),
+        ([json.dumps({"prompt": "p", "answer": 3})], r"line 1: field 'answer' must be a string, got int"),
+        ([json.dumps(["p", "a"])], r"line 1: expected an object"),
+        ([json.dumps({"prompt": "p", "answer": "a", "split": "training"})], r"line 1: unknown split 'training'"),
+        ([json.dumps({"prompt": "p", "answer": "a", "split": "train"}), json.dumps({"prompt": "p", "answer": "a"})], r"line 2: missing field 'split'"),
+        (["   "], r"empty file"),
+    ],
+)
+def test_bad_jsonl_names_file_line_and_problem(tmp_path, lines, message):
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message) as err:
+        load_task(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_bad_json_file_reports_position(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('[{"prompt": "p",\n "answer": }]')
+    with pytest.raises(DataError, match=r"t\.json:2:\d+: not valid JSON"):
+        load_task(str(path))
+    path.write_text('{"prompt": "p", "answer": "a"}')
+    with pytest.raises(DataError, match="expected a JSON list"):
+        load_task(str(path))
+    path.write_text("[]")
+    with pytest.raises(DataError, match="empty list"):
+        load_task(str(path))
+
+
+def test_unknown_sources_and_metric(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_task(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="unknown knowledge pack 'nope'"):
+        load_task("pack:nope")
+    with pytest.raises(DataError, match="unknown probe set"):
+        load_task("probe:nope")
+    with pytest.raises(DataError, match="unknown metric 'bleu'; expected one of exact, choice"):
+        load_task("pack:people", metric="bleu")
+    with pytest.raises(DataError, match="TRACE-layout folder"):
+        load_task(str(tmp_path))
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"prompt": "\xff", "answer": "a"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_task(str(path))
+
+
+@pytest.mark.skipif(not TRACE.is_dir(), reason="../shared/data/trace-500 absent")
+@pytest.mark.parametrize("name, metric", [("NumGLUE-cm", "exact"), ("FOMC", "choice"), ("Py150", "edit_sim"), ("20Minuten", "sari"), ("MeetingBank", "rouge_l")])
+def test_trace_folders_get_trace_metrics(name, metric):
+    task = load_task(str(TRACE / name))
+    assert task.metric == metric
+    assert len(task.test) > 0 and len(task.eval) > 0
+    assert (len(task.train) > 0) == (name != "MeetingBank")
+
+
+def test_data_hash_changes_with_content(write_jsonl):
+    a = load_task(str(write_jsonl(qa(10), "a.jsonl")))
+    records = qa(10)
+    records[3]["answer"] = "other"
+    b = load_task(str(write_jsonl(records, "b.jsonl")))
+    assert a.data_hash() == load_task(str(write_jsonl(qa(10), "c.jsonl"))).data_hash()
+    assert a.data_hash() != b.data_hash()

@@ -1,0 +1,61 @@
+import pytest
+
+from cairn.data import Example, Task
+from cairn.evaluation import evaluate_task, generate
+from cairn.evaluation.evaluate import max_new_tokens_for, single_line
+
+PROMPTS = [
+    "Question: Where was Ada born?\nAnswer:",
+    "Hi",
+    "The quick brown fox jumps over the lazy dog and then",
+    "Question: what is two plus two, and why does it matter so much to so many people?\nAnswer:",
+    "Once",
+]
+
+
+def test_batched_generation_equals_unbatched(tiny):
+    model, tokenizer = tiny
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=8)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in PROMPTS]
+    assert batched == alone
+    assert any(batched)  # the random model does produce text
+
+
+def test_batched_generation_equals_plain_hf_generate(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPTS[2], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3)[2] == expected
+
+
+def test_stop_at_newline_cuts_the_first_line(tiny):
+    model, tokenizer = tiny
+    full = generate(model, tokenizer, PROMPTS, max_new_tokens=24)
+    cut = generate(model, tokenizer, PROMPTS, max_new_tokens=24, stop_at_newline=True)
+    for f, c in zip(full, cut):
+        assert "\n" not in c
+        assert f.startswith(c)
+
+
+def test_evaluate_task_keeps_predictions_and_sizes_generation(tiny):
+    model, tokenizer = tiny
+    task = Task("t", "exact", {"test": [Example(p, "x") for p in PROMPTS], "train": [Example("p", "a b c d e f g h")]})
+    assert single_line(task)
+    assert max_new_tokens_for(task, tokenizer) >= len(tokenizer(" a b c d e f g h")["input_ids"])
+    result = evaluate_task(model, tokenizer, task)
+    assert result.n == len(PROMPTS) and len(result.predictions) == len(PROMPTS)
+    assert set(result.predictions[0]) == {"prompt", "answer", "prediction", "score"}
+    assert result.score == pytest.approx(sum(r["score"] for r in result.predictions) / len(PROMPTS))
+
+
+@pytest.mark.slow
+def test_bundled_model_batched_equals_unbatched_on_probes():
+    from cairn.data import load_task
+    from cairn.models import load_model
+
+    model, tokenizer = load_model("bundled:smollm2-135m")
+    prompts = [e.prompt for e in load_task("probe:general").test[:12]]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=12, stop_at_newline=True)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=6, stop_at_newline=True)[0] for p in prompts]
+    assert batched == alone

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cairn.cli import main
+from conftest import TRACE, qa
+
+
+def test_data_packs_lists_every_pack(capsys):
+    assert main(["data", "packs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("people", "compounds", "companies", "countries"):
+        assert name in out
+
+
+def test_data_inspect_shows_splits_and_metric(capsys, write_jsonl):
+    assert main(["data", "inspect", str(write_jsonl(qa(20)))]) == 0
+    out = capsys.readouterr().out
+    assert "metric: exact" in out and "train" in out and "16" in out
+
+
+def test_eval_writes_json_with_predictions(capsys, write_jsonl, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "tiny-random", "--task", str(write_jsonl(qa(20))), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"task", "metric", "split", "n", "score", "predictions"}
+    assert data["n"] == 2 and len(data["predictions"]) == 2 and data["split"] == "test"
+    assert "task test exact:" in capsys.readouterr().out
+
+
+def test_train_then_eval_an_adapter_folder(capsys, tmp_path, write_jsonl):
+    source = str(write_jsonl(qa(20)))
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--base", "tiny-random", "--task", source, "--out", str(adapter), "--epochs", "1", "--no-eval"]) == 0
+    assert "trained lora on task" in capsys.readouterr().out
+    assert main(["eval", "--model", str(adapter), "--task", source]) == 0
+    assert "task test exact:" in capsys.readouterr().out
+
+
+def test_generate_prints_a_completion(capsys):
+    assert main(["generate", "--model", "tiny-random", "Hello", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["eval", "--model", "tiny-random", "--task", "pack:nope"], 3, "unknown knowledge pack"),
+    (["eval", "--model", "bundled:nope", "--task", "pack:people"], 5, "unknown bundled model"),
+    (["train", "--base", "tiny-random", "--task", "pack:people", "--out", "x", "--epochs", "0"], 4, "epochs: Input should be greater than or equal to 1"),
+])
+def test_user_errors_give_one_line_and_a_documented_code(capsys, argv, code, message):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_file_through_the_real_command_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    proc = subprocess.run([sys.executable, "-m", "cairn.cli", "data", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert "bad.jsonl line 1: missing field 'answer'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not TRACE.is_dir(), reason="../shared/data/trace-500 absent")
+def test_eval_runs_on_a_trace_folder(capsys, tmp_path):
+    out = tmp_path / "fomc.json"
+    assert main(["eval", "--model", "tiny-random", "--task", str(TRACE / "FOMC"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["metric"] == "choice" and data["n"] == 100

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+from cairn.data import Example, load_task
+from cairn.data.batching import IGNORE, collate, encode
+from cairn.training import TrainConfig, answer_loss, train, train_contribution
+
+EXAMPLES = [Example(f"Question: code of item {i}?\nAnswer:", f"Z{i}q") for i in range(8)]
+
+
+def test_encode_puts_loss_on_answer_and_eos_only(tiny):
+    _, tokenizer = tiny
+    f = encode(EXAMPLES[0], tokenizer)
+    prompt_len = len(tokenizer(EXAMPLES[0].prompt)["input_ids"])
+    assert f["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert f["labels"][prompt_len:] == f["input_ids"][prompt_len:]
+    assert f["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(f["input_ids"][prompt_len:-1]) == " Z0q"
+
+
+def test_encode_truncates_the_prompt_not_the_answer(tiny):
+    _, tokenizer = tiny
+    f = encode(Example("word " * 200, "the answer"), tokenizer, max_length=16)
+    assert len(f["input_ids"]) == 16
+    assert tokenizer.decode([t for t in f["labels"] if t != IGNORE][:-1]) == " the answer"
+
+
+def test_collate_pads_to_the_batch_maximum(tiny):
+    _, tokenizer = tiny
+    feats = [encode(e, tokenizer) for e in (Example("a", "b"), Example("a longer prompt here", "b"))]
+    batch = collate(feats, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] == max(len(f["input_ids"]) for f in feats)
+    assert batch["attention_mask"][0].sum() == len(feats[0]["input_ids"])
+    assert (batch["labels"][0, len(feats[0]["input_ids"]) :] == IGNORE).all()
+
+
+def test_answer_loss_equals_hf_loss(tiny):
+    model, tokenizer = tiny
+    batch = collate([encode(e, tokenizer) for e in EXAMPLES[:3]], tokenizer.pad_token_id)
+    ours, n = answer_loss(model, batch)
+    reference = model(**batch).loss
+    assert n == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 1e-2), ("fft", 1e-3)])
+def test_training_lowers_the_loss(method, lr):
+    from cairn.models import load_model
+
+    model, tokenizer = load_model("tiny-random")
+    cfg = TrainConfig(method=method, epochs=6, lr=lr, batch_size=4, warmup_ratio=0.0, bf16=False)
+    result = train(model, tokenizer, EXAMPLES, cfg, progress=False)
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    assert result.tokens > 0 and result.steps == 12
+    total = sum(p.numel() for p in result.model.parameters())
+    assert (result.trainable_params < total / 10) if method == "lora" else result.trainable_params == total
+
+
+def test_training_is_reproducible_under_a_seed():
+    from cairn.models import load_model
+
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=4, bf16=False)
+    runs = [train(*load_model("tiny-random"), EXAMPLES, cfg, progress=False).losses for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_extra_loss_hook_is_added():
+    from cairn.models import load_model
+
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, bf16=False)
+    plain = train(*load_model("tiny-random"), EXAMPLES, cfg, progress=False).losses[0]
+    seen = []
+
+    def penalty(model):
+        seen.append(model)
+        return torch.tensor(5.0)
+
+    hooked = train(*load_model("tiny-random"), EXAMPLES, cfg, extra_loss=penalty, progress=False).losses[0]
+    assert seen and hooked == pytest.approx(plain + 5.0, rel=1e-4)
+
+
+def test_train_contribution_writes_a_loadable_peft_adapter_with_manifest(tmp_path):
+    from peft import PeftModel
+
+    from cairn.models import load_model
+
+    task = load_task("pack:people")
+    task.splits["train"] = task.train[:8]
+    out = tmp_path / "people-lora"
+    manifest = train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), out, progress=False)
+    assert (out / "adapter_model.safetensors").is_file()
+    on_disk = json.loads((out / "cairn.json").read_text())
+    assert on_disk == manifest
+    base, tokenizer = load_model("tiny-random")
+    assert manifest["base_fingerprint"] == base.cairn_fingerprint
+    assert manifest["data_hash"] == task.data_hash() and manifest["task"] == "people"
+    assert set(manifest["files"]) >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert len(manifest["train"]["losses"]) == manifest["train"]["steps"] == 2
+    assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
+    loaded, _ = load_model(str(out))
+    assert loaded.cairn_base == "tiny-random"
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary folder left behind
+
+
+def test_train_contribution_fft_writes_an_hf_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    task = load_task("pack:countries")
+    task.splits["train"] = task.train[:4]
+    out = tmp_path / "fft"
+    manifest = train_contribution("tiny-random", task, TrainConfig(method="fft", epochs=1, batch_size=4), out, progress=False)
+    assert manifest["kind"] == "model" and (out / "model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 2
