@@ -123,7 +123,10 @@ def train(
         raise DataError("no training examples")
     set_seed(cfg.seed)
     use_bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
+    # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
+    # which is fixed once per process; under `accelerate launch` the user's config still applies.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     if cfg.method == "lora":
         model = add_lora(model, cfg)
     else:
@@ -149,7 +152,7 @@ def train(
     for epoch in range(cfg.epochs):
         for batch in loader:
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with autocast():
                     loss, _ = answer_loss(model, batch)
                     if extra_loss is not None:
                         loss = loss + extra_loss(model)
