@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--allow-pickle", action="store_true")
 
+    p = sub.add_parser("run", help="run an experiment: strategies x seeds over a task stream, then report")
+    p.add_argument("config", nargs="?", type=Path, help="experiment YAML (default: the built-in quickstart)")
+    p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
+
+    p = sub.add_parser("report", help="re-render the report of a run folder from its results.json")
+    p.add_argument("dir", type=Path)
+
     p = sub.add_parser("data", help="inspect task sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
     dsub.add_parser("packs", help="list the built-in knowledge packs")
@@ -62,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> None:
     from cairn.data import load_task
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.training import train_contribution
 
     task = load_task(args.task, metric=args.metric)
     overrides = {"epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
@@ -83,14 +90,13 @@ def _cmd_train(args) -> None:
 def _train_config(**values):
     from pydantic import ValidationError
 
-    from cairn.errors import ConfigError
     from cairn.training import TrainConfig
+    from cairn.validation import config_error
 
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid training option: {problems}") from None
+        raise config_error(exc, "invalid training option") from None
 
 
 def _cmd_eval(args) -> None:
@@ -115,6 +121,41 @@ def _cmd_generate(args) -> None:
 
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
     print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def _cmd_run(args) -> None:
+    from cairn.config import load_config, quickstart
+    from cairn.experiment import run_experiment
+    from cairn.report import write_report
+
+    cfg = load_config(args.config) if args.config else quickstart()
+    out = args.out or cfg.out_dir()
+    results = run_experiment(cfg, out)
+    write_report(results, out)
+    _print_summary(results)
+    print(f"report: {out / 'report.html'}")
+
+
+def _cmd_report(args) -> None:
+    from cairn.report import load_results, write_report
+
+    results = load_results(args.dir)
+    write_report(results, args.dir)
+    _print_summary(results)
+    print(f"report: {args.dir / 'report.html'}")
+
+
+def _print_summary(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cairn.report import SUMMARY_HEADER, summary_rows
+
+    for part, title in (("summary", "averaged over stages"), ("final", "at the last stage")):
+        table = Table(*SUMMARY_HEADER, title=f"{results['config']['name']}: {title}")
+        for row in summary_rows(results, part):
+            table.add_row(*row)
+        Console().print(table)
 
 
 def _cmd_data(args) -> None:
@@ -145,7 +186,14 @@ def _cmd_data(args) -> None:
             console.print(f"[dim]{split}[/dim] {json.dumps({'prompt': ex.prompt, 'answer': ex.answer}, ensure_ascii=False)[:300]}")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "data": _cmd_data}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "run": _cmd_run,
+    "report": _cmd_report,
+    "data": _cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

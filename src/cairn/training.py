@@ -7,26 +7,25 @@ terms (regularisers of later methods) plug in through `extra_loss(model) -> tens
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import psutil
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from cairn.data.batching import IGNORE, encode, length_grouped_loader
 from cairn.data.task import Example
+from cairn.validation import Strict
 
 DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Strict):
     """Hyper-parameters of one training run; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
     method: Literal["lora", "fft"] = "lora"
     epochs: int = Field(8, ge=1)
@@ -58,7 +57,7 @@ class TrainResult:
     steps: int = 0
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
-    peak_mem_mb: float = 0.0
+    peak_mem_mb: float = 0.0  # resident memory of the process, sampled at every optimizer step
     trainable_params: int = 0
     bf16: bool = False
 
@@ -127,10 +126,13 @@ def train(
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    if cfg.method == "lora":
-        model = add_lora(model, cfg)
-    else:
+    if cfg.method == "fft":
         model.requires_grad_(True)
+    elif hasattr(model, "peft_config"):  # continue training the adapter the model already has
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        model = add_lora(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     features = [encode(ex, tokenizer, cfg.max_length) for ex in examples]
@@ -146,6 +148,7 @@ def train(
     model.train()
 
     result = TrainResult(model=None, trainable_params=sum(p.numel() for p in params), bf16=use_bf16)
+    process = psutil.Process()
     bar = tqdm(total=total, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter()
     window = []
@@ -165,6 +168,7 @@ def train(
             result.tokens += int(batch["attention_mask"].sum())
             window.append(loss.item())
             if accelerator.sync_gradients:
+                result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20)
                 result.steps += 1
                 result.losses.append(sum(window) / len(window))
                 window.clear()
@@ -174,32 +178,35 @@ def train(
     bar.close()
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0
-    result.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.eval()
     result.model = accelerator.unwrap_model(model)
     return result
 
 
 def train_contribution(base: str, task, cfg: TrainConfig, out, *, progress: bool = True) -> dict:
-    """Train on `task` from `base` and save the contribution at `out` with its `cairn.json` manifest.
-
-    LoRA gives a PEFT adapter folder, FFT a Hugging Face model folder; both written atomically.
-    """
-    from pathlib import Path
-
-    from cairn.models import load_model, save_model
-    from cairn.store import file_hashes, write_manifest
+    """Train on `task` from `base` and save the contribution at `out` with its `cairn.json` manifest."""
+    from cairn.models import load_model
 
     model, tokenizer = load_model(base)
     base_fp = model.cairn_fingerprint
     result = train(model, tokenizer, task.train, cfg, progress=progress, desc=f"{cfg.method} on {task.name}")
+    return save_contribution(result, tokenizer, task, cfg, out, base=str(base), base_fingerprint=base_fp)
+
+
+def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:
+    """Write a trained model atomically (PEFT adapter for LoRA, HF folder for FFT) plus its manifest."""
+    from pathlib import Path
+
+    from cairn.models import save_model
+    from cairn.store import file_hashes, write_manifest
+
     out = Path(out)
     save_model(result.model, tokenizer, out)
     manifest = {
         "schema": 1,
         "kind": "adapter" if cfg.method == "lora" else "model",
-        "base": str(base),
-        "base_fingerprint": base_fp,
+        "base": base,
+        "base_fingerprint": base_fingerprint,
         "task": task.name,
         "metric": task.metric,
         "data_hash": task.data_hash(),

@@ -22,6 +22,10 @@ MAX_FACTS = 2000  # bounds entity generation; far above what CPU training can us
 _SYLLABLES = (
     "vael", "quor", "drith", "zen", "kesh", "thul", "bryn", "oss", "vex", "yth", "mael", "skir",
     "fen", "grav", "quel", "rhos", "tav", "ulm", "wyn", "zar", "brel", "kov", "nyx", "orm",
+    "zhal", "prav", "kelm", "durn", "vosk", "trel", "myrr", "qesh", "sorv", "halk", "jorv", "plim",
+    "ravk", "tesk", "gorm", "ulth", "xeb", "yarl", "zorn", "dwel", "fask", "hurv", "irth", "jask",
+    "krev", "lurn", "mirv", "nesk", "porv", "sarn", "torv", "vald", "wask", "xan", "aesk", "eld",
+    "ibb", "ozz", "uvv", "cael",
 )
 _CITY_ENDINGS = ("port", "holm", "mere", "stad", "ford", "vik")
 _COMPOUND_ENDINGS = ("ium", "ine", "ate", "ide", "ene", "ol")
@@ -216,12 +220,24 @@ def make_facts(name: str, n_facts: int = 50, seed: int = 0) -> list[Fact]:
         raise DataError(f"pack {name!r}: n_facts must be between 1 and {MAX_FACTS}, got {n_facts}")
     rng = random.Random(seed * 1000 + pack.offset)
     entities: list[str] = []
+    used: set[str] = set()
     while len(entities) < math.ceil(n_facts / len(pack.relations)):
-        entity = pack.entity(rng)
+        entity, tries = pack.entity(rng), 1
+        # Entities whose leading words share a syllable get confused with each other; keep them
+        # apart while the syllable pool allows, then settle for unique names.
+        while _syllables(entity) & used and tries < 200:
+            entity, tries = pack.entity(rng), tries + 1
         if entity not in entities:
             entities.append(entity)
+            used |= _syllables(entity)
     facts = [Fact(e, rel, rel.answer(rng)) for e in entities for rel in pack.relations]
     return facts[:n_facts]
+
+
+def _syllables(entity: str) -> set[str]:
+    """The pool syllables found in an entity's leading word (its distinctive part)."""
+    head = entity.split()[0].lower()
+    return {s for s in _SYLLABLES if s in head}
 
 
 def _example(template: str, fact: Fact) -> Example:

@@ -1,0 +1,144 @@
+"""Experiment configs: YAML <-> validated objects. Unknown keys and bad values name themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cairn.data.task import METRICS
+from cairn.errors import ConfigError
+from cairn.models import DEFAULT_BASE
+from cairn.training import TrainConfig
+from cairn.validation import Strict, config_error
+
+
+class TaskSpec(Strict):
+    """A task source with optional metric and name overrides; a bare string is `source`."""
+
+    source: str
+    metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data):
+        return {"source": data} if isinstance(data, str) else data
+
+
+class StrategySpec(Strict):
+    """One strategy of an experiment: a registered `kind`, with training overrides."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: str
+    train: dict = Field(default_factory=dict)
+    continue_adapter: bool = False
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from cairn.strategies import STRATEGIES
+
+        if kind not in STRATEGIES:
+            raise ValueError(f"unknown strategy kind {kind!r}; allowed: {', '.join(STRATEGIES)}")
+        return kind
+
+
+class ExperimentConfig(Strict):
+    """Base model x task stream x strategies x seeds."""
+
+    name: str = "experiment"
+    base: str = DEFAULT_BASE
+    data_dir: str | None = None  # relative task paths are read from here (pack:/probe: sources are not)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    probe: TaskSpec | None = TaskSpec(source="probe:general")
+    setting: Literal["semi", "full"] = "full"
+    train: dict = Field(default_factory=dict)
+    strategies: list[StrategySpec] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    out: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [s.name for s in self.strategies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"strategy names must be unique, got {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be unique, got {self.seeds}")
+        for s in self.strategies:
+            self.train_config(s, self.seeds[0])  # every merged training config must validate
+        return self
+
+    def train_config(self, strategy: StrategySpec, seed: int) -> TrainConfig:
+        """The experiment's training defaults, overridden by the strategy's, with the run's seed."""
+        merged = {**self.train, **strategy.train, "seed": seed}
+        try:
+            return TrainConfig(**merged)
+        except ValidationError as exc:
+            raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
+
+    def load_tasks(self) -> tuple[list, object]:
+        """(stream tasks, probe task or None), loaded from their sources."""
+        from cairn.data import load_task
+
+        def load(spec: TaskSpec):
+            source = spec.source
+            if self.data_dir and ":" not in source and not Path(source).is_absolute():
+                source = str(Path(self.data_dir) / source)
+            return load_task(source, metric=spec.metric, name=spec.name)
+
+        tasks = [load(t) for t in self.tasks]
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task names must be unique, got {names}; give duplicates a `name`")
+        return tasks, (load(self.probe) if self.probe else None)
+
+    def out_dir(self) -> Path:
+        return Path(self.out or Path("runs") / self.name)
+
+
+def parse_config(data, where: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys (name, base, tasks, strategies, ...), got {type(data).__name__}")
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as exc:
+        raise config_error(exc, where) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    return parse_config(data, str(path))
+
+
+QUICKSTART = {
+    "name": "quickstart",
+    "base": DEFAULT_BASE,
+    "tasks": ["pack:people", "pack:compounds", "pack:companies", "pack:countries"],
+    "probe": "probe:general",
+    "setting": "full",
+    "train": {"method": "lora", "epochs": 8, "lr": 1.0e-3, "lora_r": 16},
+    "strategies": [
+        {"name": "seq-fft", "kind": "sequential", "train": {"method": "fft", "lr": 2.0e-5}},
+        {"name": "seq-lora", "kind": "sequential"},
+    ],
+    "seeds": [0],
+}
+
+
+def quickstart() -> ExperimentConfig:
+    """The built-in quickstart (the same experiment as configs/quickstart.yaml)."""
+    return parse_config(QUICKSTART, "built-in quickstart")

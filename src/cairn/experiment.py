@@ -1,0 +1,131 @@
+"""Run strategies x seeds over a task stream: R[s][j] and G[s] per stage, cached and resumable.
+
+Shared work is done once: a contribution is keyed by the content hash of (start model, task data,
+training config), an evaluation by (model, task data, metric, split). Both are kept under
+`OUT/cache/`, so rerunning after an interruption redoes only what had not finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cairn.config import ExperimentConfig
+from cairn.data.task import Task
+from cairn.evaluation import EvalResult, evaluate_task
+from cairn.evaluation.scores import summarize
+from cairn.models import fingerprint, load_model
+from cairn.store import atomic_write_json, read_manifest
+from cairn.strategies import STRATEGIES
+from cairn.training import TrainConfig, bf16_supported, save_contribution, train
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class Workspace:
+    """Trains or reuses contributions and evaluations under `root`; records what each run used."""
+
+    root: Path
+    base: str
+    tokenizer: object
+    progress: bool = True
+    used: list[Path] = field(default_factory=list)
+
+    def train(self, model, task: Task, cfg: TrainConfig):
+        """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        start = fingerprint(model)
+        bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
+        folder = self.root / "contributions" / _key(start, task.data_hash(), cfg.model_dump(), bf16)
+        self.used.append(folder)
+        if read_manifest(folder) is None:
+            result = train(model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}")
+            save_contribution(result, self.tokenizer, task, cfg, folder, base=self.base, base_fingerprint=start)
+            return result.model
+        if cfg.method == "fft":
+            return AutoModelForCausalLM.from_pretrained(folder).eval()
+        if hasattr(model, "peft_config"):  # continuing an adapter: load its trained state
+            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+            return model.eval()
+        return PeftModel.from_pretrained(model, str(folder)).eval()
+
+    def evaluate(self, model, model_fp: str, task: Task) -> EvalResult:
+        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, 'test')}.json"
+        if path.is_file():
+            return EvalResult(**json.loads(path.read_text()))
+        result = evaluate_task(model, self.tokenizer, task, progress=self.progress)
+        atomic_write_json(path, result.to_dict())
+        return result
+
+    def cost(self) -> dict:
+        """Training cost of the contributions this run used (reused ones count what they cost)."""
+        manifests = [read_manifest(f) for f in self.used]
+        trains = [m["train"] for m in manifests if m]
+        return {
+            "train_wall_s": round(sum(t["wall_s"] for t in trains), 1),
+            "tokens": sum(t["tokens"] for t in trains),
+            "trainable_params": max((t["trainable_params"] for t in trains), default=0),
+            "peak_mem_mb": max((t["peak_mem_mb"] for t in trains), default=0.0),
+            "disk_mb": round(sum(_dir_bytes(f) for f in set(self.used)) / 2**20, 1),
+        }
+
+
+def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None) -> tuple[list[float], float | None]:
+    fp = fingerprint(model)
+    row = [work.evaluate(model, fp, t).score for t in tasks]
+    g = work.evaluate(model, fp, probe).score if probe else None
+    return row, g
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: bool = True, log=print) -> dict:
+    """Run every strategy for every seed; write per-stage rows and return the results dict."""
+    out = Path(out or cfg.out_dir())
+    tasks, probe = cfg.load_tasks()
+    names = [t.name for t in tasks]
+    base, tokenizer = load_model(cfg.base)
+    work = Workspace(out / "cache", cfg.base, tokenizer, progress)
+    r0, g0 = _score_stage(work, base, tasks, probe)
+    log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
+
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in cfg.seeds:
+        for spec in cfg.strategies:
+            train_cfg = cfg.train_config(spec, seed)
+            work.used = []
+            start = time.perf_counter()
+            R, G = [r0], [g0]
+            stages = STRATEGIES[spec.kind](copy.deepcopy(base), iter(tasks), spec, train_cfg, work)
+            for s, model in enumerate(tqdm(stages, total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
+                row, g = _score_stage(work, model, tasks, probe)
+                R.append(row)
+                G.append(g)
+                atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g})
+                log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
+            del model, stages
+            avg, final = summarize(R, G if probe else [])
+            runs.setdefault(spec.name, {})[seed] = {
+                "R": R,
+                "G": G if probe else None,
+                "summary": avg,
+                "final": final,
+                "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)},
+            }
+    from cairn.report import build_results
+
+    return build_results(cfg, names, runs)

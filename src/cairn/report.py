@@ -1,0 +1,199 @@
+"""Results of an experiment: results.json, R_<strategy>.csv, summary.md, report.html and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
+from cairn.store import atomic_write_json, atomic_write_text
+
+SCHEMA = 1
+HEADLINE = ("new", "retained", "old_change", "op", "bwt", "fwt")
+
+
+def _mean_matrix(ms: list[list[list[float]]]) -> list[list[float]]:
+    return [[sum(m[i][j] for m in ms) / len(ms) for j in range(len(ms[0][i]))] for i in range(len(ms[0]))]
+
+
+def build_results(cfg, task_names: list[str], runs: dict[str, dict[int, dict]]) -> dict:
+    """The versioned results dict: per strategy, seed-mean R and G, summaries and costs; with
+    several seeds also every seed's values and the mean with a 95% confidence interval."""
+    strategies = {}
+    for name, by_seed in runs.items():
+        seeds = list(by_seed.values())
+        entry = {
+            "R": _mean_matrix([s["R"] for s in seeds]),
+            "G": [sum(g) / len(g) for g in zip(*[s["G"] for s in seeds])] if seeds[0]["G"] else None,
+            "summary": {k: mean_ci([s["summary"][k] for s in seeds])["mean"] for k in SUMMARY_KEYS},
+            "final": {k: mean_ci([s["final"][k] for s in seeds])["mean"] for k in SUMMARY_KEYS},
+            "cost": seeds[0]["cost"] if len(seeds) == 1 else {k: mean_ci([s["cost"][k] for s in seeds])["mean"] for k in seeds[0]["cost"]},
+        }
+        if len(seeds) > 1:
+            entry["seeds"] = {str(seed): run for seed, run in by_seed.items()}
+            entry["aggregate"] = {
+                part: {k: mean_ci([s[part][k] for s in seeds]) for k in SUMMARY_KEYS} for part in ("summary", "final")
+            }
+        strategies[name] = entry
+    return {"schema": SCHEMA, "config": cfg.model_dump(mode="json"), "tasks": task_names, "seeds": list(cfg.seeds), "strategies": strategies}
+
+
+def _fmt(x, ci=None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.3f}" if ci is None else f"{x:+.3f} ± {ci:.3f}"
+
+
+def summary_rows(results: dict, part: str = "summary") -> list[list[str]]:
+    """One row per strategy: the headline metrics (mean ± CI with seeds), then cost."""
+    rows = []
+    for name, s in results["strategies"].items():
+        agg = s.get("aggregate", {}).get(part)
+        cells = [_fmt(agg[k]["mean"], agg[k]["ci95"]) if agg else _fmt(s[part][k]) for k in HEADLINE]
+        c = s["cost"]
+        rows.append([name, *cells, f"{c['train_wall_s']:.0f}", f"{c['tokens']:.0f}", f"{c['trainable_params']:.3g}", f"{c['peak_mem_mb']:.0f}", f"{c['disk_mb']:.0f}"])
+    return rows
+
+
+SUMMARY_HEADER = ["strategy", *HEADLINE, "train s", "tokens", "trainable", "peak MB", "disk MB"]
+
+
+def _markdown(results: dict) -> str:
+    out = [f"# {results['config']['name']}", "", f"Tasks, in stream order: {', '.join(results['tasks'])}. Seeds: {results['seeds']}.", ""]
+    for part, title in (("summary", "Averaged over stages"), ("final", "At the last stage")):
+        out += [f"## {title}", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+        out += ["| " + " | ".join(r) + " |" for r in summary_rows(results, part)]
+        out.append("")
+    out += ["new = R[s][s]; retained = mean over j<s of R[s][j]; old_change = G[s] − G[0]; op = mean over j≤s of R[s][j];",
+            "bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s]. Cost: training time, tokens, trainable",
+            "parameters and peak memory of one stage, disk size of all contributions.", ""]
+    return "\n".join(out)
+
+
+def _csv(results: dict, name: str) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    s = results["strategies"][name]
+    w.writerow(["stage", *results["tasks"], "G"])
+    for i, row in enumerate(s["R"]):
+        w.writerow([i, *[f"{x:.4f}" for x in row], "" if s["G"] is None else f"{s['G'][i]:.4f}"])
+    return buf.getvalue()
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["strategies"])
+    tasks = results["tasks"]
+    files = []
+
+    fig, axes = plt.subplots(1, len(names), figsize=(1.3 + 1.1 * len(tasks) * len(names), 1.0 + 0.6 * (len(tasks) + 1)), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        R = results["strategies"][name]["R"]
+        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(name)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_yticks(range(len(R)), ["base"] + [f"after {t}" for t in tasks])
+        for i, row in enumerate(R):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="test score")
+    fig.suptitle("R[s][j]: score on task j (columns) after stage s (rows)")
+    files.append(_save(fig, out / "heatmaps.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    for name in names:
+        s = results["strategies"][name]
+        stages = per_stage(s["R"], s["G"] or [])
+        xs = list(range(1, len(tasks) + 1))
+        for ax, key in zip(axes, ("new", "retained", "old")):
+            pts = [(x, y) for x, y in zip(xs, stages[key]) if y is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for ax, title in zip(axes, ("new knowledge R[s][s]", "retained: mean R[s][j<s]", "old knowledge G[s]")):
+        ax.set_title(title)
+        ax.set_xlabel("stage")
+        ax.set_xticks(range(1, len(tasks) + 1))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    files.append(_save(fig, out / "knowledge_per_stage.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(HEADLINE)), 3.8))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        s = results["strategies"][name]
+        agg = s.get("aggregate", {}).get("final")
+        vals = [s["final"][k] or 0.0 for k in HEADLINE]
+        errs = [agg[k]["ci95"] or 0.0 for k in HEADLINE] if agg else None
+        ax.bar([j + i * width for j in range(len(HEADLINE))], vals, width, yerr=errs, label=name, capsize=3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(HEADLINE))], HEADLINE)
+    ax.set_title("final stage summary")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    files.append(_save(fig, out / "summary_final.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    """Render to memory, then write atomically."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    return path.name
+
+
+def _html(results: dict, images: list[str], markdown: str) -> str:
+    def table(part):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in summary_rows(results, part))
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    imgs = "".join(f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images)
+    name = html.escape(results["config"]["name"])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Cairn: {name}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>Cairn: {name}</h1><p>Tasks in stream order: {html.escape(', '.join(results['tasks']))}. Seeds: {results['seeds']}.</p>
+<h2>Averaged over stages</h2>{table('summary')}<h2>At the last stage</h2>{table('final')}
+{imgs}<h2>Definitions</h2><pre>{html.escape(markdown.split(chr(10) + chr(10))[-1])}</pre></body></html>
+"""
+
+
+def write_report(results: dict, out: Path) -> None:
+    """Write every report file into `out` (results.json first, so a report can be re-rendered)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    for name in results["strategies"]:
+        atomic_write_text(out / f"R_{name}.csv", _csv(results, name))
+    markdown = _markdown(results)
+    atomic_write_text(out / "summary.md", markdown)
+    images = _plots(results, out)
+    atomic_write_text(out / "report.html", _html(results, images, markdown))
+
+
+def load_results(out: Path) -> dict:
+    from cairn.errors import DataError
+
+    path = Path(out) / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}); run `cairn run` first") from exc
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if results.get("schema") != SCHEMA:
+        raise DataError(f"{path}: results schema {results.get('schema')!r}, this Cairn reads schema {SCHEMA}")
+    return results

@@ -1,0 +1,77 @@
+import pytest
+import yaml
+
+from cairn.config import QUICKSTART, load_config, parse_config, quickstart
+from cairn.errors import ConfigError
+from conftest import TRACE
+
+
+def write(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_quickstart_yaml_equals_the_built_in_quickstart():
+    from pathlib import Path
+
+    on_disk = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    assert on_disk.model_dump(exclude={"out"}) == quickstart().model_dump(exclude={"out"})
+
+
+def test_strategy_training_merges_defaults_overrides_and_seed():
+    cfg = quickstart()
+    fft = cfg.train_config(cfg.strategies[0], seed=3)
+    lora = cfg.train_config(cfg.strategies[1], seed=3)
+    assert (fft.method, fft.lr, fft.epochs, fft.seed) == ("fft", 2e-5, 8, 3)
+    assert (lora.method, lora.lr, lora.lora_r) == ("lora", 1e-3, 16)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "blue"}, "unknown key(s) 'colour'; allowed: name, base"),
+    ({"setting": "partial"}, "setting: Input should be 'semi' or 'full'"),
+    ({"strategies": [{"name": "x", "kind": "teleport"}]}, "unknown strategy kind 'teleport'; allowed: sequential"),
+    ({"strategies": [{"name": "x", "kind": "sequential", "train": {"epochs": 0}}]}, "strategy 'x' train: epochs: Input should be greater than or equal to 1"),
+    ({"strategies": [{"name": "x", "kind": "sequential", "train": {"lora_rank": 4}}]}, "unknown key(s) 'lora_rank'; allowed: method, epochs"),
+    ({"strategies": [{"name": "a", "kind": "sequential"}, {"name": "a", "kind": "sequential"}]}, "strategy names must be unique"),
+    ({"strategies": [{"name": "../x", "kind": "sequential"}]}, "strategies.0.name: String should match pattern"),
+    ({"tasks": []}, "tasks: List should have at least 1 item"),
+    ({"tasks": [{"source": "pack:people", "metric": "bleu"}]}, "tasks.0.metric: Input should be 'exact'"),
+])
+def test_bad_configs_name_the_key_and_the_allowed_values(tmp_path, change, message):
+    path = write(tmp_path, {**QUICKSTART, **change})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = write(tmp_path, "name: x\ntasks: [pack:people\nstrategies: []\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml:\d+:\d+: not valid YAML"):
+        load_config(path)
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_duplicate_task_names_are_refused():
+    cfg = parse_config({**QUICKSTART, "tasks": ["pack:people", "pack:people"]})
+    with pytest.raises(ConfigError, match="task names must be unique"):
+        cfg.load_tasks()
+
+
+@pytest.mark.skipif(not TRACE.is_dir(), reason="../shared/data/trace-500 absent")
+def test_trace_config_reads_its_stream_from_data_dir(monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs" / "trace.yaml")
+    tasks, probe = cfg.load_tasks()
+    assert [t.name for t in tasks] == ["NumGLUE-cm", "NumGLUE-ds", "FOMC", "ScienceQA"]
+    assert [t.metric for t in tasks] == ["exact", "exact", "choice", "choice"]
+    assert probe.name == "probe:general"
