@@ -32,6 +32,10 @@ def exp_config(tmp_path):
     }
 
 
+class Crash(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
 def count_training(monkeypatch, fail_at: int | None = None):
     calls = []
     real = experiment.train
@@ -39,7 +43,7 @@ def count_training(monkeypatch, fail_at: int | None = None):
     def counted(*args, **kwargs):
         calls.append(1)
         if fail_at is not None and len(calls) == fail_at:
-            raise KeyboardInterrupt("simulated interruption")
+            raise Crash()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(experiment, "train", counted)
@@ -64,10 +68,11 @@ def test_run_gives_a_score_matrix_per_strategy_and_reuses_shared_work(tmp_path, 
 def test_rerun_after_an_interruption_finishes_and_matches(tmp_path, exp_config, monkeypatch):
     cfg = parse_config(exp_config)
     calls = count_training(monkeypatch, fail_at=4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert len(calls) == 4
-    calls.clear()
+    monkeypatch.undo()
+    calls = count_training(monkeypatch)
     resumed = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert len(calls) == 2  # only the interrupted and the remaining stage train again
 
