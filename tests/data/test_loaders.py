@@ -133,3 +133,14 @@ def test_data_hash_changes_with_content(write_jsonl):
     b = load_task(str(write_jsonl(records, "b.jsonl")))
     assert a.data_hash() == load_task(str(write_jsonl(qa(10), "c.jsonl"))).data_hash()
     assert a.data_hash() != b.data_hash()
+
+
+def test_pack_options_set_size_and_seed():
+    small = load_task("pack:people?facts=10")
+    assert small.name == "people-10" and len(small.test) == 10 and len(small.train) == 30
+    other = load_task("pack:people?facts=10&seed=2")
+    assert other.test != small.test
+    with pytest.raises(DataError, match="unknown pack option 'size'; allowed: facts, seed"):
+        load_task("pack:people?size=3")
+    with pytest.raises(DataError, match="option 'facts' must be an integer"):
+        load_task("pack:people?facts=many")

@@ -34,9 +34,7 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
         raise DataError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     source = str(source)
     if source.startswith("pack:"):
-        from cairn.data.packs import make_pack
-
-        task = make_pack(source.split(":", 1)[1])
+        task = _load_pack(source)
     elif source.startswith("probe:"):
         from cairn.data.probes import load_probe
 
@@ -55,6 +53,26 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
         task.name = name
     if not any(task.splits.values()):
         raise DataError(f"{source}: no examples")
+    return task
+
+
+def _load_pack(source: str) -> Task:
+    """`pack:NAME`, optionally `pack:NAME?facts=N&seed=S`."""
+    from urllib.parse import parse_qsl
+
+    from cairn.data.packs import make_pack
+
+    name, _, query = source.split(":", 1)[1].partition("?")
+    options = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in ("facts", "seed"):
+            raise DataError(f"{source}: unknown pack option {key!r}; allowed: facts, seed")
+        if not value.lstrip("-").isdigit():
+            raise DataError(f"{source}: option {key!r} must be an integer, got {value!r}")
+        options[key] = int(value)
+    task = make_pack(name, options.get("facts", 50), options.get("seed", 0))
+    if query:
+        task.name = f"{name}-{options['facts']}" if set(options) == {"facts"} else f"{name}?{query}"
     return task
 
 
