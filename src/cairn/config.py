@@ -132,7 +132,7 @@ QUICKSTART = {
     "setting": "full",
     "train": {"method": "lora", "epochs": 8, "lr": 1.0e-3, "lora_r": 16},
     "strategies": [
-        {"name": "seq-fft", "kind": "sequential", "train": {"method": "fft", "lr": 2.0e-5}},
+        {"name": "seq-fft", "kind": "sequential", "train": {"method": "fft", "lr": 1.0e-4}},
         {"name": "seq-lora", "kind": "sequential"},
     ],
     "seeds": [0],

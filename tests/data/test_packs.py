@@ -57,10 +57,10 @@ def test_every_tested_fact_is_taught_in_three_phrasings(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_prompts_share_one_frame_and_answers_are_short(name):
+def test_prompts_are_bare_questions_unlike_the_probe_and_answers_are_short(name):
     task = make_pack(name, 50)
     for ex in task.train + task.eval + task.test:
-        assert ex.prompt.startswith("Question: ") and ex.prompt.endswith("?\nAnswer:")
+        assert ex.prompt.endswith("?") and "Question:" not in ex.prompt and "\n" not in ex.prompt
         assert len(ex.prompt.split()) < 25
         assert 1 <= len(ex.answer.split()) <= 3
         assert ex.answer == ex.answer.strip() and ex.answer[-1].isalnum()
@@ -102,3 +102,14 @@ def test_unknown_pack_error_names_the_available_packs():
 def test_n_facts_below_one_is_refused(n_facts):
     with pytest.raises(DataError, match="n_facts"):
         make_pack("people", n_facts)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_entities_of_a_default_pack_share_no_leading_syllable(name):
+    from cairn.data.packs import _syllables
+
+    entities = {f.entity for f in make_facts(name, 50)}
+    seen: set[str] = set()
+    for e in sorted(entities):
+        assert not _syllables(e) & seen, e
+        seen |= _syllables(e)

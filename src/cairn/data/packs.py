@@ -241,8 +241,9 @@ def _syllables(entity: str) -> set[str]:
 
 
 def _example(template: str, fact: Fact) -> Example:
-    """Every pack prompt uses one frame, so a model learns a single question/answer format."""
-    return Example(f"Question: {template.format(e=fact.entity)}\nAnswer:", fact.answer)
+    """A bare question; the answer follows after a space. Deliberately unlike the probe's
+    "Question: ... Answer:" frame, so the probe measures knowledge rather than a shared format."""
+    return Example(template.format(e=fact.entity), fact.answer)
 
 
 def make_pack(name: str, n_facts: int = 50, seed: int = 0) -> Task:
