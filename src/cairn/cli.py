@@ -130,7 +130,9 @@ def _cmd_run(args) -> None:
 
     cfg = load_config(args.config) if args.config else quickstart()
     out = args.out or cfg.out_dir()
-    results = run_experiment(cfg, out)
+    from tqdm.auto import tqdm
+
+    results = run_experiment(cfg, out, log=tqdm.write)
     write_report(results, out)
     _print_summary(results)
     print(f"report: {out / 'report.html'}")

