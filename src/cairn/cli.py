@@ -148,16 +148,23 @@ def _cmd_report(args) -> None:
 
 
 def _print_summary(results: dict) -> None:
+    """The summary as terminal tables: metrics averaged and at the last stage, then cost."""
     from rich.console import Console
     from rich.table import Table
 
-    from cairn.report import SUMMARY_HEADER, summary_rows
+    from cairn.report import HEADLINE, SUMMARY_HEADER, summary_rows
 
+    console = Console()
+    n_metrics = len(HEADLINE)
     for part, title in (("summary", "averaged over stages"), ("final", "at the last stage")):
-        table = Table(*SUMMARY_HEADER, title=f"{results['config']['name']}: {title}")
+        table = Table(*SUMMARY_HEADER[: n_metrics + 1], title=f"{results['config']['name']}: {title}")
         for row in summary_rows(results, part):
-            table.add_row(*row)
-        Console().print(table)
+            table.add_row(*row[: n_metrics + 1])
+        console.print(table)
+    table = Table(SUMMARY_HEADER[0], *SUMMARY_HEADER[n_metrics + 1 :], title="cost")
+    for row in summary_rows(results, "summary"):
+        table.add_row(row[0], *row[n_metrics + 1 :])
+    console.print(table)
 
 
 def _cmd_data(args) -> None:

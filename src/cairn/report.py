@@ -93,13 +93,15 @@ def _plots(results: dict, out: Path) -> list[str]:
     tasks = results["tasks"]
     files = []
 
-    fig, axes = plt.subplots(1, len(names), figsize=(1.3 + 1.1 * len(tasks) * len(names), 1.0 + 0.6 * (len(tasks) + 1)), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(2.2 + 1.1 * len(tasks) * len(names), 1.2 + 0.6 * (len(tasks) + 1)), squeeze=False, layout="constrained"
+    )
+    for k, (ax, name) in enumerate(zip(axes[0], names)):
         R = results["strategies"][name]["R"]
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(name)
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-        ax.set_yticks(range(len(R)), ["base"] + [f"after {t}" for t in tasks])
+        ax.set_yticks(range(len(R)), ["base"] + [f"after {t}" for t in tasks] if k == 0 else [])
         for i, row in enumerate(R):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
@@ -107,18 +109,20 @@ def _plots(results: dict, out: Path) -> list[str]:
     fig.suptitle("R[s][j]: score on task j (columns) after stage s (rows)")
     files.append(_save(fig, out / "heatmaps.png"))
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name in names:
         s = results["strategies"][name]
         stages = per_stage(s["R"], s["G"] or [])
         xs = list(range(1, len(tasks) + 1))
         for ax, key in zip(axes, ("new", "retained", "old")):
             pts = [(x, y) for x, y in zip(xs, stages[key]) if y is not None]
+            if key == "old" and s["G"]:
+                pts.insert(0, (0, s["G"][0]))  # the base model's probe score
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    for ax, title in zip(axes, ("new knowledge R[s][s]", "retained: mean R[s][j<s]", "old knowledge G[s]")):
+    for ax, title in zip(axes, ("new knowledge R[s][s]", "retained: mean R[s][j<s]", "old knowledge G[s] (0 = base)")):
         ax.set_title(title)
         ax.set_xlabel("stage")
-        ax.set_xticks(range(1, len(tasks) + 1))
+        ax.set_xticks(range(0 if ax is axes[2] else 1, len(tasks) + 1))
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
