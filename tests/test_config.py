@@ -23,7 +23,7 @@ def test_strategy_training_merges_defaults_overrides_and_seed():
     cfg = quickstart()
     fft = cfg.train_config(cfg.strategies[0], seed=3)
     lora = cfg.train_config(cfg.strategies[1], seed=3)
-    assert (fft.method, fft.lr, fft.epochs, fft.seed) == ("fft", 2e-5, 8, 3)
+    assert (fft.method, fft.lr, fft.epochs, fft.seed) == ("fft", 1e-4, 8, 3)
     assert (lora.method, lora.lr, lora.lora_r) == ("lora", 1e-3, 16)
 
 
