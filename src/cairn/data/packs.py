@@ -113,20 +113,20 @@ PACKS: dict[str, Pack] = {
         ),
     ),
     "compounds": Pack(
-        "invented chemical compounds: melting point and colour",
+        "invented chemical compounds: who discovered each and its colour",
         offset=2,
         entity=lambda rng: _word(rng) + rng.choice(_COMPOUND_ENDINGS),
         relations=(
             Relation(
-                "melting_point",
+                "discoverer",
                 (
-                    "What is the melting point of {e}?",
-                    "At what temperature does {e} melt?",
-                    "{e} melts at what temperature?",
-                    "How hot must {e} get before it melts?",
-                    "Which temperature turns solid {e} liquid?",
+                    "Who discovered {e}?",
+                    "{e} was discovered by whom?",
+                    "Which chemist first made {e}?",
+                    "Who first isolated {e}?",
+                    "The discoverer of {e} was who?",
                 ),
-                lambda rng: f"{rng.randint(120, 980)} degrees",
+                _person,
             ),
             Relation(
                 "colour",
