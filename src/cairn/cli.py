@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render the report of a run folder from its results.json")
     p.add_argument("dir", type=Path)
 
+    p = sub.add_parser("store", help="a folder of contributions with verified manifests")
+    p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")),
+                   help="store folder (default: $CAIRN_STORE, else ./cairn-store)")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    q = ssub.add_parser("add", help="copy a contribution (adapter or model folder with cairn.json) into the store")
+    q.add_argument("path", type=Path)
+    q.add_argument("--name", help="its ID in the store (default: TASK-METHOD-HASH)")
+    ssub.add_parser("list", help="the contributions in the store")
+    q = ssub.add_parser("show", help="a contribution's manifest")
+    q.add_argument("id")
+    q = ssub.add_parser("verify", help="recompute every file hash; exit 3 on any mismatch")
+    q.add_argument("id", nargs="?")
+
     p = sub.add_parser("data", help="inspect task sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
     dsub.add_parser("packs", help="list the built-in knowledge packs")
@@ -167,6 +180,33 @@ def _print_summary(results: dict) -> None:
     console.print(table)
 
 
+def _cmd_store(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cairn.errors import DataError
+    from cairn.store import Store
+
+    store = Store(args.store)
+    if args.store_command == "add":
+        entry = store.add(args.path, args.name)
+        print(f"added {entry['id']} ({entry['task']}, {entry['method']}) to {args.store}")
+    elif args.store_command == "list":
+        table = Table("id", "task", "method", "kind", "base", "base fingerprint", title=str(args.store))
+        for e in store.list():
+            table.add_row(e["id"], e["task"], e["method"], str(e["kind"]), str(e["base"]), e["base_fingerprint"][:12])
+        Console().print(table)
+    elif args.store_command == "show":
+        print(json.dumps(store.show(args.id), indent=2))
+    else:
+        report = store.verify(args.id)
+        bad = {cid: problems for cid, problems in report.items() if problems}
+        for cid in report:
+            print(f"{cid}: " + ("; ".join(bad[cid]) if cid in bad else "ok"))
+        if bad:
+            raise DataError(f"{len(bad)} of {len(report)} contribution(s) failed verification")
+
+
 def _cmd_data(args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -201,6 +241,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "run": _cmd_run,
     "report": _cmd_report,
+    "store": _cmd_store,
     "data": _cmd_data,
 }
 

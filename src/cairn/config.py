@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cairn.data.task import METRICS
 from cairn.errors import ConfigError
@@ -28,13 +28,24 @@ class TaskSpec(Strict):
         return {"source": data} if isinstance(data, str) else data
 
 
-class StrategySpec(Strict):
-    """One strategy of an experiment: a registered `kind`, with training overrides."""
+class StrategySpec(BaseModel):
+    """One strategy of an experiment: a registered `kind`, training overrides, and the kind's own
+    options as further keys (e.g. `continue_adapter` for sequential, `rate` for replay)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kind: str
     train: dict = Field(default_factory=dict)
-    continue_adapter: bool = False
+    options: dict = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_options(cls, data):
+        if isinstance(data, dict) and "options" not in data:
+            core = {"name", "kind", "train"}
+            data = {**{k: v for k, v in data.items() if k in core}, "options": {k: v for k, v in data.items() if k not in core}}
+        return data
 
     @field_validator("kind")
     @classmethod
@@ -44,6 +55,22 @@ class StrategySpec(Strict):
         if kind not in STRATEGIES:
             raise ValueError(f"unknown strategy kind {kind!r}; allowed: {', '.join(STRATEGIES)}")
         return kind
+
+    @model_validator(mode="after")
+    def _typed_options(self):
+        from cairn.strategies import STRATEGIES
+
+        try:
+            self.options = STRATEGIES[self.kind].options(**self.options).model_dump()
+        except ValidationError as exc:
+            allowed = ", ".join(["name", "kind", "train", *STRATEGIES[self.kind].options.model_fields])
+            raise ValueError(f"{config_error(exc, f'strategy {self.name!r} ({self.kind})')} (keys allowed: {allowed})") from None
+        return self
+
+    def typed_options(self):
+        from cairn.strategies import STRATEGIES
+
+        return STRATEGIES[self.kind].options(**self.options)
 
 
 class ExperimentConfig(Strict):
@@ -67,8 +94,15 @@ class ExperimentConfig(Strict):
             raise ValueError(f"strategy names must be unique, got {names}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
+        from cairn.strategies import STRATEGIES
+
         for s in self.strategies:
             self.train_config(s, self.seeds[0])  # every merged training config must validate
+            if self.setting == "semi" and STRATEGIES[s.kind].needs_history:
+                raise ValueError(
+                    f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
+                    "does not keep; use setting: full, or a semi-collaborative strategy"
+                )
         return self
 
     def train_config(self, strategy: StrategySpec, seed: int) -> TrainConfig:

@@ -43,6 +43,11 @@ class Workspace:
     tokenizer: object
     progress: bool = True
     used: list[Path] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    def note(self, **info) -> None:
+        """Let a strategy record what a stage did (e.g. the replayed examples) in its stage row."""
+        self.notes.update(info)
 
     def train(self, model, task: Task, cfg: TrainConfig):
         """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
@@ -106,16 +111,23 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
     runs: dict[str, dict[int, dict]] = {}
     for seed in cfg.seeds:
         for spec in cfg.strategies:
+            strategy = STRATEGIES[spec.kind]
             train_cfg = cfg.train_config(spec, seed)
             work.used = []
             start = time.perf_counter()
-            R, G = [r0], [g0]
-            stages = STRATEGIES[spec.kind](copy.deepcopy(base), iter(tasks), spec, train_cfg, work)
+            R, G, notes = [r0], [g0], []
+            views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
+            stream = ((v, views[:i]) for i, v in enumerate(views)) if strategy.needs_history else iter(views)
+            stages = strategy.fn(copy.deepcopy(base), stream, spec.typed_options(), train_cfg, work)
             for s, model in enumerate(tqdm(stages, total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
+                if not strategy.needs_history:
+                    views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
                 row, g = _score_stage(work, model, tasks, probe)
                 R.append(row)
                 G.append(g)
-                atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g})
+                notes.append(dict(work.notes))
+                work.notes.clear()
+                atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **notes[-1]})
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
             del model, stages
             avg, final = summarize(R, G if probe else [])
@@ -126,6 +138,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                 "final": final,
                 "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)},
             }
+            if any(notes):
+                runs[spec.name][seed]["stages"] = notes
     from cairn.report import build_results
 
     return build_results(cfg, names, runs)

@@ -82,3 +82,131 @@ def read_manifest(folder: Path) -> dict | None:
         from cairn.errors import DataError
 
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
+    """Problems found comparing a folder's files with the sha256 its manifest recorded."""
+    actual = file_hashes(folder)
+    problems = [f"{name}: missing" for name in expected if name not in actual]
+    problems += [f"{name}: sha256 {actual[name][:12]} != recorded {digest[:12]} (modified or corrupt)"
+                 for name, digest in expected.items() if name in actual and actual[name] != digest]
+    problems += [f"{name}: not in the manifest" for name in actual if name not in expected]
+    return problems
+
+
+class Store:
+    """A folder of contributions (adapters or full weights, each with its `cairn.json`).
+
+    Layout: `ROOT/items/<ID>/` holds a contribution's files; `ROOT/index.json` lists them. Adding
+    copies to a temporary folder first, then takes a file lock only to claim the ID, rename and
+    rewrite the index, so concurrent writers never lose an entry and readers never see half a copy.
+    """
+
+    ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}"
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.items = self.root / "items"
+
+    def _lock(self):
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / ".lock"), timeout=120)
+
+    def _index(self) -> dict:
+        path = self.root / "index.json"
+        if not path.is_file():
+            return {"schema": 1, "entries": {}}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _check_id(self, cid: str) -> str:
+        import re
+
+        from cairn.errors import DataError
+
+        if not re.fullmatch(self.ID_PATTERN, cid) or cid.strip(".") == "":
+            raise DataError(f"invalid contribution id {cid!r}: use letters, digits, '.', '_' or '-' (at most 80), starting with a letter or digit")
+        return cid
+
+    def add(self, path: Path | str, name: str | None = None) -> dict:
+        """Copy the contribution at `path` into the store (after checking its files) and index it."""
+        from cairn.errors import DataError
+
+        path = Path(path)
+        manifest = read_manifest(path) if path.is_dir() else None
+        if manifest is None:
+            raise DataError(f"{path}: not a Cairn contribution (no {MANIFEST}); make one with `cairn train`")
+        for key in ("base_fingerprint", "task", "method", "files"):
+            if key not in manifest:
+                raise DataError(f"{path}/{MANIFEST}: missing field {key!r}")
+        problems = verify_files(path, manifest["files"])
+        if problems:
+            raise DataError(f"{path}: files do not match {MANIFEST}: " + "; ".join(problems))
+        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+        cid = self._check_id(name if name is not None else f"{manifest['task']}-{manifest['method']}-{digest[:10]}".replace("/", "_").replace(":", "_"))
+        self.items.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", suffix=".tmp", dir=self.items))
+        try:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            with self._lock():
+                index = self._index()
+                if cid in index["entries"]:
+                    if index["entries"][cid]["digest"] == digest:
+                        return index["entries"][cid]
+                    raise DataError(f"contribution id {cid!r} is taken by different files; choose another --name")
+                os.replace(tmp, self.items / cid)
+                entry = {
+                    "id": cid,
+                    "task": manifest["task"],
+                    "method": manifest["method"],
+                    "kind": manifest.get("kind"),
+                    "base": manifest.get("base"),
+                    "base_fingerprint": manifest["base_fingerprint"],
+                    "data_hash": manifest.get("data_hash"),
+                    "digest": digest,
+                }
+                index["entries"][cid] = entry
+                atomic_write_json(self.root / "index.json", index)
+                return entry
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def list(self) -> list[dict]:
+        return list(self._index()["entries"].values())
+
+    def path(self, cid: str) -> Path:
+        from cairn.errors import DataError
+
+        self._check_id(cid)
+        if cid not in self._index()["entries"]:
+            raise DataError(f"no contribution {cid!r} in the store {self.root}; `cairn store list` shows what is there")
+        return self.items / cid
+
+    def show(self, cid: str) -> dict:
+        return read_manifest(self.path(cid)) or {}
+
+    def verify(self, cid: str | None = None) -> dict[str, list[str]]:
+        """Recompute every file hash; returns {id: problems} (empty lists when all is well)."""
+        ids = [cid] if cid else [e["id"] for e in self.list()]
+        report = {}
+        for i in ids:
+            folder = self.path(i)
+            manifest = read_manifest(folder) if folder.is_dir() else None
+            report[i] = ["folder or manifest missing"] if manifest is None else verify_files(folder, manifest["files"])
+        return report
+
+    def resolve(self, cid: str, base_fingerprint: str | None = None) -> Path:
+        """The folder of a verified contribution; refuses tampered files or another base model."""
+        from cairn.errors import DataError, ModelError
+
+        problems = self.verify(cid)[cid]
+        if problems:
+            raise DataError(f"contribution {cid!r} failed verification: " + "; ".join(problems))
+        manifest = self.show(cid)
+        if base_fingerprint and manifest["base_fingerprint"] != base_fingerprint:
+            raise ModelError(
+                f"contribution {cid!r} was made on a base with fingerprint {manifest['base_fingerprint'][:12]}, "
+                f"not on this base ({base_fingerprint[:12]})"
+            )
+        return self.path(cid)

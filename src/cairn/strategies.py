@@ -1,31 +1,114 @@
 """Strategies turn a task stream into one model per stage. Each is a short generator in a registry.
 
-A strategy receives the base model (its own copy), the stream (one task at a time), its spec,
-the training config, and a workspace that trains contributions or reuses identical ones. It
-yields the model to evaluate after each stage.
+A strategy receives the base model (its own copy), the stream, its typed options, the training
+config, and a workspace that trains contributions or reuses identical ones; it yields the model
+to evaluate after each stage. What the stream holds is the data boundary between settings:
+
+- a semi-collaborative strategy gets each task's train split once, as the stage's `Task`, and the
+  runner empties that split once the stage is done: earlier data cannot be read later;
+- a strategy registered with `needs_history=True` (fully-collaborative only) gets
+  `(task, earlier_tasks)` pairs.
+
+Strategies never see eval or test splits.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
 
-STRATEGIES: dict[str, Callable] = {}
+from pydantic import Field
+
+from cairn.data.task import Task
+from cairn.validation import Strict
 
 
-def register(kind: str):
+class NoOptions(Strict):
+    pass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    fn: Callable[..., Iterator]
+    options: type[Strict] = NoOptions
+    needs_history: bool = False  # reads earlier tasks' data: allowed in the full setting only
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(kind: str, options: type[Strict] = NoOptions, needs_history: bool = False):
     def add(fn):
-        STRATEGIES[kind] = fn
+        STRATEGIES[kind] = Strategy(fn, options, needs_history)
         return fn
 
     return add
 
 
-@register("sequential")
-def sequential(model, stream, spec, cfg, work) -> Iterator:
+class SequentialOptions(Strict):
+    continue_adapter: bool = False
+
+
+@register("sequential", SequentialOptions)
+def sequential(model, stream, opts: SequentialOptions, cfg, work) -> Iterator:
     """Fine-tune on each task in turn. LoRA: merge each adapter and start a fresh one (the
     reference study's protocol), or keep training one adapter with `continue_adapter: true`."""
     for task in stream:
         model = work.train(model, task, cfg)
-        if cfg.method == "lora" and not spec.continue_adapter:
+        if cfg.method == "lora" and not opts.continue_adapter:
             model = model.merge_and_unload()
         yield model
+
+
+class ReplayOptions(Strict):
+    rate: float = Field(0.1, gt=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task")
+
+
+def replay_sample(n_from: int, k: int, rng: random.Random) -> list[int]:
+    """`k` indices into a task of `n_from` examples: without repetition while it lasts, then again."""
+    out: list[int] = []
+    while len(out) < k:
+        out += rng.sample(range(n_from), min(n_from, k - len(out)))
+    return out
+
+
+@register("replay", ReplayOptions, needs_history=True)
+def replay(model, stream, opts: ReplayOptions, cfg, work) -> Iterator:
+    """Sequential training on task s plus `rate` x |task s| examples drawn from each earlier task
+    (seeded); LoRA adapters are merged after each stage as in `sequential`."""
+    for s, (task, earlier) in enumerate(stream, 1):
+        k = round(opts.rate * len(task.train))
+        mixed, drawn = list(task.train), {}
+        for j, old in enumerate(earlier, 1):
+            idx = replay_sample(len(old.train), k, random.Random(f"{cfg.seed}:{s}:{j}"))
+            mixed += [old.train[i] for i in idx]
+            drawn[old.name] = idx
+        work.note(replayed=drawn)
+        model = work.train(model, Task(f"{task.name}+replay", task.metric, {"train": mixed}), cfg)
+        if cfg.method == "lora":
+            model = model.merge_and_unload()
+        yield model
+
+
+class JointOptions(Strict):
+    mix: Literal["balanced", "natural"] = "balanced"
+
+
+def joint_mixture(tasks: list[Task], mix: str, seed: int) -> list:
+    """The union of the tasks' train splits; `balanced` upsamples each to the largest (seeded)."""
+    if mix == "natural":
+        return [ex for t in tasks for ex in t.train]
+    size = max(len(t.train) for t in tasks)
+    rng = random.Random(seed)
+    return [t.train[i] for t in tasks for i in replay_sample(len(t.train), size, rng)]
+
+
+@register("joint", JointOptions, needs_history=True)
+def joint(model, stream, opts: JointOptions, cfg, work) -> Iterator:
+    """At stage s, train from the base model on the union of tasks 1..s."""
+    for task, earlier in stream:
+        seen = [*earlier, task]
+        union = Task("+".join(t.name for t in seen), task.metric, {"train": joint_mixture(seen, opts.mix, cfg.seed)})
+        yield work.train(copy.deepcopy(model), union, cfg)

@@ -1,0 +1,121 @@
+import random
+from collections import Counter
+
+import pytest
+
+from cairn.config import QUICKSTART, parse_config
+from cairn.data import Example, Task
+from cairn.errors import ConfigError
+from cairn.strategies import STRATEGIES, JointOptions, ReplayOptions, joint_mixture, register, replay_sample
+from cairn.training import TrainConfig
+
+
+def task(name: str, n: int) -> Task:
+    return Task(name, "exact", {"train": [Example(f"{name} q{i}", f"{name}{i}") for i in range(n)]})
+
+
+class FakeModel:
+    def merge_and_unload(self):
+        return self
+
+
+class FakeWork:
+    """Records what a strategy asks to train on, without training."""
+
+    def __init__(self):
+        self.trained, self.notes = [], []
+
+    def train(self, model, task, cfg):
+        self.trained.append(task)
+        return FakeModel()
+
+    def note(self, **info):
+        self.notes.append(info)
+
+
+def run(kind, tasks, opts, seed=0):
+    work = FakeWork()
+    stream = ((t, tasks[:i]) for i, t in enumerate(tasks))
+    models = list(STRATEGIES[kind].fn(FakeModel(), stream, opts, TrainConfig(seed=seed), work))
+    assert len(models) == len(tasks)
+    return work
+
+
+def test_replay_sample_repeats_only_when_the_task_is_too_small():
+    rng = random.Random(0)
+    assert len(set(replay_sample(100, 10, rng))) == 10
+    counts = Counter(replay_sample(4, 10, rng))
+    assert set(counts) == {0, 1, 2, 3} and sorted(counts.values()) == [2, 2, 3, 3]
+    assert replay_sample(50, 7, random.Random(3)) == replay_sample(50, 7, random.Random(3))
+
+
+def test_replay_mixes_rate_times_the_current_task_from_each_earlier_task():
+    tasks = [task("a", 40), task("b", 30), task("c", 50)]
+    work = run("replay", tasks, ReplayOptions(rate=0.1))
+    sizes = [len(t.train) for t in work.trained]
+    assert sizes == [40, 30 + 3, 50 + 5 + 5]
+    last = Counter(ex.answer[0] for ex in work.trained[2].train)
+    assert last == {"c": 50, "a": 5, "b": 5}
+    assert [sorted(n["replayed"]) for n in work.notes] == [[], ["a"], ["a", "b"]]
+    assert work.notes[2]["replayed"]["a"] == run("replay", tasks, ReplayOptions(rate=0.1)).notes[2]["replayed"]["a"]
+    assert work.notes[2]["replayed"]["a"] != run("replay", tasks, ReplayOptions(rate=0.1), seed=1).notes[2]["replayed"]["a"]
+
+
+def test_replay_from_a_smaller_task_repeats_examples():
+    work = run("replay", [task("a", 3), task("b", 100)], ReplayOptions(rate=0.1))
+    assert Counter(ex.answer[0] for ex in work.trained[1].train)["a"] == 10
+
+
+def test_joint_mixtures():
+    tasks = [task("a", 10), task("b", 4)]
+    natural = joint_mixture(tasks, "natural", 0)
+    balanced = joint_mixture(tasks, "balanced", 0)
+    assert Counter(ex.answer[0] for ex in natural) == {"a": 10, "b": 4}
+    assert Counter(ex.answer[0] for ex in balanced) == {"a": 10, "b": 10}
+    assert {ex.answer for ex in balanced if ex.answer[0] == "a"} == {f"a{i}" for i in range(10)}
+    work = run("joint", tasks, JointOptions(mix="natural"))
+    assert [len(t.train) for t in work.trained] == [10, 14] and work.trained[1].name == "a+b"
+
+
+def test_semi_setting_refuses_strategies_that_read_earlier_data():
+    for kind in ("replay", "joint"):
+        with pytest.raises(ConfigError, match=f"strategy 'x' \\(kind {kind}\\) trains on earlier tasks' data, which the semi setting"):
+            parse_config({**QUICKSTART, "setting": "semi", "strategies": [{"name": "x", "kind": kind}]})
+    assert parse_config({**QUICKSTART, "setting": "semi"}).setting == "semi"
+
+
+def test_strategy_options_are_typed_and_checked():
+    cfg = parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "rate": 0.25}, {"name": "j", "kind": "joint", "mix": "natural"}]})
+    assert cfg.strategies[0].typed_options().rate == 0.25 and cfg.strategies[1].typed_options().mix == "natural"
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'ratio'.*keys allowed: name, kind, train, rate"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "ratio": 0.2}]})
+    with pytest.raises(ConfigError, match="mix: Input should be 'balanced' or 'natural'"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "j", "kind": "joint", "mix": "all"}]})
+
+
+def test_a_semi_strategy_cannot_read_an_earlier_task_later(tmp_path):
+    """The runner empties each stage's train split once the stage is done."""
+    import json
+
+    from cairn.experiment import run_experiment
+
+    seen = []
+
+    @register("peek")
+    def peek(model, stream, opts, cfg, work):
+        for t in stream:
+            assert t.train and not t.test  # the current task's train split, nothing else
+            seen.append(t)
+            yield model
+
+    try:
+        paths = []
+        for name in ("a", "b"):
+            p = tmp_path / f"{name}.jsonl"
+            p.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "answer": "x", "split": s}) + "\n" for i in range(3) for s in ("train", "test")))
+            paths.append(str(p))
+        cfg = parse_config({"base": "tiny-random", "tasks": paths, "probe": None, "setting": "semi", "strategies": [{"name": "p", "kind": "peek"}]})
+        run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    finally:
+        del STRATEGIES["peek"]
+    assert [t.name for t in seen] == ["a", "b"] and all(not t.train for t in seen)
