@@ -2,7 +2,7 @@
 
 Bars (issue 3): first run <= 10 minutes on 2 cores; the rerun reuses finished work, < 1 minute.
 
-    .venv/bin/python bench/quickstart.py [--config configs/quickstart.yaml] [--out runs/bench-quickstart]
+    .venv/bin/python bench/quickstart.py [--config bench/quickstart-sequential.yaml] [--out runs/bench-quickstart]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--config", default="bench/quickstart-sequential.yaml")
     parser.add_argument("--out", default="runs/bench-quickstart")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)

@@ -168,6 +168,8 @@ QUICKSTART = {
     "strategies": [
         {"name": "seq-fft", "kind": "sequential", "train": {"method": "fft", "lr": 1.0e-4}},
         {"name": "seq-lora", "kind": "sequential"},
+        {"name": "replay-lora", "kind": "replay", "rate": 0.1},
+        {"name": "joint-lora", "kind": "joint"},
     ],
     "seeds": [0],
 }
