@@ -205,11 +205,9 @@ def _refuse_pickle(folder: Path) -> None:
 def _load_adapter(path: Path, *, allow_pickle: bool):
     from peft import PeftModel
 
-    if not (path / "adapter_model.safetensors").is_file():
-        if allow_pickle and (path / "adapter_model.bin").is_file():
-            pass
-        else:
-            raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
+    pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
+    if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
+        raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
     base = adapter_base(path)
     model, tokenizer = load_model(base, allow_pickle=allow_pickle)
     manifest = read_manifest(path)

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from cairn.errors import DataError
+
 SPLITS = ("train", "eval", "test")
 METRICS = ("exact", "choice", "rouge_l", "edit_sim", "sari")
 
@@ -28,8 +30,6 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            from cairn.errors import DataError
-
             raise DataError(
                 f"task {self.name!r}: unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
             )
@@ -50,8 +50,6 @@ class Task:
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
-            from cairn.errors import DataError
-
             raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         return self.splits[name]
 
