@@ -50,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--allow-pickle", action="store_true")
 
+    p = sub.add_parser("merge", help="merge fine-tunes and/or LoRA adapters of one base into one model")
+    p.add_argument("--method", required=True, choices=list(_merge_methods()))
+    p.add_argument("--base", required=True, help="base model spec (the model every input was fine-tuned from)")
+    p.add_argument("--inputs", required=True, nargs="+", help="HF model folders, PEFT adapter folders, or IDs in --store")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per input (default: 1 each)")
+    p.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_linear, dare_ties; default 1)")
+    p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector (default 1)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="divide by the summed weights (default: the method's)")
+    p.add_argument("--seed", type=int, help="seed of DARE's random drop (default 0)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (HF model, or PEFT adapter with --as-adapter)")
+    p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter (truncated SVD of the merged delta)")
+    p.add_argument("--rank", type=int, help="rank of the --as-adapter output")
+    p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")), help="store that input IDs refer to")
+
     p = sub.add_parser("run", help="run an experiment: strategies x seeds over a task stream, then report")
     p.add_argument("config", nargs="?", type=Path, help="experiment YAML (default: the built-in quickstart)")
     p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
@@ -134,6 +148,63 @@ def _cmd_generate(args) -> None:
 
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
     print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def _merge_methods():
+    from cairn.methods.merging import METHODS
+
+    return METHODS
+
+
+def _cmd_merge(args) -> None:
+    from pydantic import ValidationError
+
+    from cairn.errors import ConfigError
+    from cairn.methods.merge_models import merge_models
+    from cairn.methods.merging import METHODS, MergeOptions
+    from cairn.models import ModelSpec, resolve_folder
+    from cairn.validation import config_error
+
+    given = {"density": args.density, "lambda": args.lambda_, "seed": args.seed}
+    unused = [k for k, v in given.items() if v is not None and k not in METHODS[args.method].uses]
+    if unused:
+        raise ConfigError(f"--{unused[0]} does not apply to {args.method}; it reads: {', '.join(sorted(METHODS[args.method].uses)) or 'no parameters'}")
+    if args.as_adapter != (args.rank is not None):
+        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
+    try:
+        opts = MergeOptions(method=args.method, normalize=args.normalize, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise config_error(exc, "invalid merge option") from None
+    spec = ModelSpec.parse(args.base)
+    if spec.kind == "adapter":
+        raise ConfigError(f"--base {args.base} is an adapter; give the full model it was trained from")
+    inputs = _resolve_inputs(args.inputs, args.store, args.base)
+    stats = merge_models(resolve_folder(spec), inputs, args.out, opts, weights=args.weights, adapter_rank=args.rank, manifest={"base": args.base})
+    line = f"merged {len(inputs)} models ({args.method}) in {stats['wall_s']:.1f}s -> {args.out}"
+    if "svd" in stats:
+        svd = stats["svd"]
+        line += f" (rank-{svd['rank']} adapter on {svd['modules']} modules, relative error {svd['relative_error']:.4f})"
+    print(line)
+
+
+def _resolve_inputs(inputs: list[str], store_dir: Path, base: str) -> list[Path]:
+    """Folders as given; store IDs resolved, verified, and checked against the base's fingerprint."""
+    from cairn.store import Store
+
+    paths, fp = [], None
+    for item in inputs:
+        if Path(item).exists():
+            paths.append(Path(item))
+            continue
+        store = Store(store_dir)
+        if item not in {e["id"] for e in store.list()}:
+            raise CairnError(f"input {item!r} is neither a folder nor a contribution in the store {store_dir}")
+        if fp is None:
+            from cairn.models import load_model
+
+            fp = load_model(base)[0].cairn_fingerprint
+        paths.append(store.resolve(item, base_fingerprint=fp))
+    return paths
 
 
 def _cmd_run(args) -> None:
@@ -239,6 +310,7 @@ COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
+    "merge": _cmd_merge,
     "run": _cmd_run,
     "report": _cmd_report,
     "store": _cmd_store,

@@ -49,6 +49,24 @@ class Workspace:
         """Let a strategy record what a stage did (e.g. the replayed examples) in its stage row."""
         self.notes.update(info)
 
+    def folder(self, kind: str, *parts) -> Path:
+        """The cache folder for a piece of work of `kind` identified by `parts` (hashed)."""
+        return self.root / kind / _key(*parts)
+
+    def _contribution_folder(self, start: str, task: Task, cfg: TrainConfig) -> Path:
+        bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
+        return self.folder("contributions", start, task.data_hash(), cfg.model_dump(), bf16)
+
+    def contribution(self, model, task: Task, cfg: TrainConfig) -> Path:
+        """The saved contribution of `model` trained on `task` (trained on a copy unless cached), for
+        methods that combine contributions rather than continue a model."""
+        folder = self._contribution_folder(fingerprint(model), task, cfg)
+        if read_manifest(folder) is None:
+            self.train(copy.deepcopy(model), task, cfg)
+        else:
+            self.used.append(folder)
+        return folder
+
     def train(self, model, task: Task, cfg: TrainConfig):
         """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
         from peft import PeftModel, set_peft_model_state_dict
@@ -56,8 +74,7 @@ class Workspace:
         from transformers import AutoModelForCausalLM
 
         start = fingerprint(model)
-        bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
-        folder = self.root / "contributions" / _key(start, task.data_hash(), cfg.model_dump(), bf16)
+        folder = self._contribution_folder(start, task, cfg)
         self.used.append(folder)
         if read_manifest(folder) is None:
             result = train(model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}")

@@ -112,3 +112,4 @@ def joint(model, stream, opts: JointOptions, cfg, work) -> Iterator:
         seen = [*earlier, task]
         union = Task("+".join(t.name for t in seen), task.metric, {"train": joint_mixture(seen, opts.mix, cfg.seed)})
         yield work.train(copy.deepcopy(model), union, cfg)
+from cairn.methods import olora as _olora  # noqa: E402,F401  registers "olora"

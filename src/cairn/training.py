@@ -73,18 +73,24 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def add_lora(model, cfg: TrainConfig):
-    """Wrap `model` with a fresh PEFT LoRA adapter as configured."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(cfg: TrainConfig):
+    """The PEFT `LoraConfig` of a fresh adapter as configured."""
+    from peft import LoraConfig
 
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap `model` with a fresh PEFT LoRA adapter as configured."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg))
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -108,10 +114,15 @@ def train(
     cfg: TrainConfig,
     *,
     extra_loss: Callable[[object], torch.Tensor] | None = None,
+    trainable: Callable[[str], bool] | None = None,
     progress: bool = True,
     desc: str = "training",
 ) -> TrainResult:
-    """Train `model` on `examples` (LoRA wraps it in a new adapter) and return it with its statistics."""
+    """Train `model` on `examples` (LoRA wraps it in a new adapter) and return it with its statistics.
+
+    `trainable(name)` picks the parameters to train; by default every weight for FFT and every LoRA
+    weight for LoRA (so a model that already has adapters continues training them).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -126,13 +137,11 @@ def train(
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    if cfg.method == "fft":
-        model.requires_grad_(True)
-    elif hasattr(model, "peft_config"):  # continue training the adapter the model already has
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-    else:
+    if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
+    trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable(name))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     features = [encode(ex, tokenizer, cfg.max_length) for ex in examples]

@@ -1,0 +1,1 @@
+"""Methods that combine contributions without earlier data: O-LoRA (`olora`) and merging (`merging`)."""

@@ -1,0 +1,216 @@
+"""Merge HF model folders and PEFT adapters on disk, one parameter at a time.
+
+Each input is read lazily (memory-mapped, pages released after use), so memory holds one
+parameter of every input at a time, never whole models. An adapter enters a merge as the full
+model it stands for: its task vector on a module is the exact ΔW = scale · B · A (merging A and
+B separately is a different function). The output is a full HF folder, or a PEFT adapter made by
+truncated SVD of the merged deltas of the linear layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cairn.errors import ModelError
+from cairn.methods.merging import MergeOptions, merge_tensor
+from cairn.store import atomic_dir, file_hashes, read_manifest, write_manifest
+from cairn.tensor_files import FolderWeights, SafetensorsWriter
+
+_WEIGHT_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|cairn\.json)$")
+
+
+class AdapterWeights:
+    """A PEFT LoRA adapter seen as the full model base + ΔW on each adapted module."""
+
+    def __init__(self, folder: str | Path, base: FolderWeights):
+        self.folder, self.base = Path(folder), base
+        try:
+            config = json.loads((self.folder / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{self.folder}/adapter_config.json: cannot read ({exc})") from exc
+        if config.get("peft_type") != "LORA" or config.get("use_dora"):
+            raise ModelError(f"{self.folder}: only plain LoRA adapters can be merged (peft_type {config.get('peft_type')}, use_dora {config.get('use_dora')})")
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(self.folder / "adapter_model.safetensors")
+        except Exception as exc:  # OSError, or safetensors' own error type for a malformed file
+            raise ModelError(f"{self.folder}/adapter_model.safetensors: cannot read ({exc})") from exc
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}  # name -> A, B, scale, fan_in_fan_out
+        pattern = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+        halves: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            m = pattern.fullmatch(key)
+            if not m:
+                raise ModelError(f"{self.folder}: adapter tensor {key!r} is not a LoRA A/B matrix; only lora_A/lora_B weights can be merged")
+            halves.setdefault(m.group(1), {})[m.group(2)] = tensor
+        for module, ab in halves.items():
+            name = f"{module}.weight"
+            if set(ab) != {"A", "B"} or name not in base.where:
+                raise ModelError(f"{self.folder}: module {module!r} lacks lora_A/lora_B or is not in the base model")
+            rank = ab["A"].shape[0]
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+            self.deltas[name] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        if name not in self.deltas:
+            return None
+        a, b, scale, transposed = self.deltas[name]
+        d = (b.float() @ a.float()) * scale
+        return d.T if transposed else d
+
+    def get(self, name: str) -> torch.Tensor:
+        base = self.base.get(name)
+        d = self.delta(name)
+        return base if d is None else (base.float() + d).to(base.dtype)
+
+    def release(self, name: str) -> None:
+        pass  # the base's pages are released by the base reader
+
+    def close(self) -> None:
+        pass
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def open_input(path: str | Path, base: FolderWeights):
+    """An input model: an adapter folder (adapter_config.json) or a full HF folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such folder (a HF model folder or a PEFT adapter folder was expected)")
+    if (path / "adapter_config.json").is_file():
+        return AdapterWeights(path, base)
+    weights = FolderWeights(path)
+    missing = [n for n in base.keys() if n not in weights.where]
+    extra = [n for n in weights.keys() if n not in base.where]
+    if missing or extra:
+        raise ModelError(f"{path}: tensors differ from the base model's (missing {missing[:3]}, extra {extra[:3]}); was it made from this base?")
+    for n in base.keys():
+        if weights.meta(n)[1] != base.meta(n)[1]:
+            raise ModelError(f"{path}: tensor {n!r} has shape {weights.meta(n)[1]}, the base has {base.meta(n)[1]}")
+    return weights
+
+
+def merge_models(
+    base: str | Path,
+    inputs: list[str | Path],
+    out: str | Path,
+    opts: MergeOptions,
+    *,
+    weights: list[float] | None = None,
+    adapter_rank: int | None = None,
+    progress: bool = True,
+    manifest: dict | None = None,
+) -> dict:
+    """Merge `inputs` onto the HF folder `base`; write a HF folder (or, with `adapter_rank`, a PEFT
+    adapter) to `out` atomically, and return the merge's statistics."""
+    if not inputs:
+        raise ModelError("nothing to merge: give at least one input")
+    weights = list(weights) if weights is not None else [1.0] * len(inputs)
+    if len(weights) != len(inputs):
+        raise ModelError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
+    start = time.perf_counter()
+    base_w = FolderWeights(base)
+    sources = [open_input(p, base_w) for p in inputs]
+    names = base_w.keys()
+    stats = {"method": opts.method, "options": opts.model_dump(by_alias=True), "weights": weights, "inputs": [str(p) for p in inputs], "tensors": len(names)}
+    try:
+        with atomic_dir(Path(out)) as tmp:
+            if adapter_rank is None:
+                _write_full(base_w, sources, names, opts, weights, tmp, progress)
+                for f in Path(base).iterdir():  # config, tokenizer, generation config
+                    if f.is_file() and not _WEIGHT_FILES.fullmatch(f.name):
+                        shutil.copy2(f, tmp / f.name)
+            else:
+                stats["svd"] = _write_adapter(base_w, sources, names, opts, weights, tmp, adapter_rank, str(base), progress)
+            stats["wall_s"] = round(time.perf_counter() - start, 3)
+            write_manifest(tmp, {"schema": 1, "kind": "adapter" if adapter_rank else "model", "merge": stats, **(manifest or {}), "files": file_hashes(tmp)})
+    finally:
+        for s in [base_w, *sources]:
+            s.close()
+    return stats
+
+
+def _merged(base_w, sources, name, opts, weights):
+    base = base_w.get(name)
+    out = merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)
+    return base, out
+
+
+def _release(base_w, sources, name):
+    base_w.release(name)
+    for s in sources:
+        s.release(name)
+
+
+def _write_full(base_w, sources, names, opts, weights, tmp, progress):
+    specs = [(n, *base_w.meta(n)) for n in names]
+    writer = SafetensorsWriter(tmp / "model.safetensors", specs, metadata={"format": "pt"})
+    try:
+        for name in tqdm(names, desc=f"merging ({opts.method})", disable=not progress, leave=False):
+            _, merged = _merged(base_w, sources, name, opts, weights)
+            writer.write(name, merged)
+            _release(base_w, sources, name)
+    finally:
+        writer.close()
+
+
+def _write_adapter(base_w, sources, names, opts, weights, tmp, rank, base_ref, progress):
+    """Truncated SVD of each linear layer's merged delta: ΔW ≈ B·A with B = U_r·S_r, A = V_rᵀ."""
+    from safetensors.torch import save_file
+
+    state, modules = {}, []
+    err2 = kept2 = dropped2 = 0.0
+    for name in tqdm(names, desc=f"merging ({opts.method}) to rank {rank}", disable=not progress, leave=False):
+        base, merged = _merged(base_w, sources, name, opts, weights)
+        delta = merged.float() - base.float()
+        _release(base_w, sources, name)
+        norm2 = float(delta.pow(2).sum())
+        if norm2 == 0:
+            continue
+        module = name.removesuffix(".weight")
+        if delta.dim() != 2 or not name.endswith(".weight") or "embed" in name or "lm_head" in name:
+            dropped2 += norm2  # not a linear layer PEFT can adapt here: not representable
+            continue
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        b, a = u[:, :r] * s[:r], vh[:r]
+        state[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        kept2 += norm2
+        err2 += float(s[r:].pow(2).sum())
+        modules.append(module)
+    if not modules:
+        raise ModelError("the merged model equals the base on every linear layer: there is no adapter to write")
+    save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
+        "r": rank, "lora_alpha": rank, "target_modules": modules, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+    }  # fmt: skip
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    total2 = kept2 + dropped2
+    return {
+        "rank": rank,
+        "modules": len(modules),
+        "relative_error": ((err2 + dropped2) / total2) ** 0.5,  # ‖ΔW − B·A‖_F / ‖ΔW‖_F over all tensors
+        "relative_error_linear": (err2 / kept2) ** 0.5 if kept2 else 0.0,
+        "dropped_fraction": (dropped2 / total2) ** 0.5,  # share of the delta's norm outside linear layers
+    }
+

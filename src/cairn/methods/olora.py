@@ -1,0 +1,144 @@
+"""O-LoRA: each stage trains a new LoRA adapter kept orthogonal to the frozen earlier ones.
+
+Stage s trains adapter `new` beside the stack of stages 1..s-1 (`prev`, frozen, active, not
+merged) with loss = task loss + λ1 · Σ_modules sum|A_new A_prevᵀ| + λ2 · ‖new adapter‖₂
+(Wang et al., 2023). The stages are then stored as one stacked PEFT adapter: A's concatenated by
+rows and B's by columns, so its B·A is the sum of the stage deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from cairn.errors import ConfigError
+from cairn.models import fingerprint
+from cairn.store import read_manifest
+from cairn.strategies import register
+from cairn.training import TrainConfig, bf16_supported, lora_config, save_contribution, train
+from cairn.validation import Strict
+
+PREV, NEW = "prev", "new"  # adapter names while a stage trains
+
+
+class OLoRAOptions(Strict):
+    lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term sum|A_new A_prevᵀ|")
+    lambda2: float = Field(0.0, ge=0, description="weight of the L2 norm of the new adapter's parameters")
+
+
+def orthogonality_loss(a_new: list[Tensor], a_prev: list[Tensor]) -> Tensor:
+    """Σ over modules of sum(|A_new · A_prevᵀ|): zero when every new row is orthogonal to every
+    earlier one, i.e. the new adapter reads a subspace the earlier ones do not."""
+    terms = [(new @ prev.T).abs().sum() for new, prev in zip(a_new, a_prev, strict=True)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def stack_lora(parts: list[tuple[Tensor, Tensor, float]], scale: float) -> tuple[Tensor, Tensor]:
+    """One (A, B) from (A_i, B_i, scale_i) with scale · B·A = Σ scale_i · B_i·A_i: A's by rows,
+    B's by columns, each B_i times scale_i / scale."""
+    a = torch.cat([a for a, _, _ in parts], dim=0)
+    b = torch.cat([b * (s / scale) for _, b, s in parts], dim=1)
+    return a, b
+
+
+def stacked_adapter(model, names: list[str]) -> tuple[object, dict[str, Tensor]]:
+    """The `LoraConfig` and PEFT state dict of one adapter equal to the sum of `model`'s adapters
+    `names`; it keeps the last adapter's scale (lora_alpha / r) with rank Σ r."""
+    from peft.tuners.lora import LoraLayer
+
+    last = model.peft_config[names[-1]]
+    scale = last.lora_alpha / last.r
+    state = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLayer) and names[-1] in m.lora_A:
+            a, b = stack_lora([(m.lora_A[n].weight, m.lora_B[n].weight, m.scaling[n]) for n in names], scale)
+            state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = a.detach().clone(), b.detach().clone()
+    rank = sum(model.peft_config[n].r for n in names)
+    return dataclasses.replace(last, r=rank, lora_alpha=scale * rank), state
+
+
+def stack_stages(model, names: list[str]):
+    """A fresh single-adapter PeftModel on `model`'s base holding its adapters `names` stacked."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    config, state = stacked_adapter(model, names)
+    stacked = get_peft_model(model.unload(), config)
+    set_peft_model_state_dict(stacked, state)
+    return stacked.eval()
+
+
+def stage_model(base, prev: Path | None, cfg: TrainConfig, seed: int):
+    """`base` with the frozen stacked adapter saved at `prev` (if any) and a fresh one, both active."""
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(seed)  # a different init per stage: equal inits would start A_new on A_prev
+    if prev is None:
+        return get_peft_model(base, lora_config(cfg), adapter_name=NEW)
+    model = PeftModel.from_pretrained(base, str(prev), adapter_name=PREV)
+    model.add_adapter(NEW, lora_config(cfg))
+    model.base_model.set_adapter([PREV, NEW])
+    return model
+
+
+def penalty(model, opts: OLoRAOptions):
+    """The `extra_loss` of a stage: λ1 · orthogonality to the earlier stages + λ2 · ‖new adapter‖₂."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and PREV in m.lora_A]
+    a_new, a_prev = [m.lora_A[NEW].weight for m in layers], [m.lora_A[PREV].weight for m in layers]
+    new = [p for name, p in model.named_parameters() if f".{NEW}." in name]
+
+    def loss(_model) -> Tensor:
+        total = opts.lambda1 * orthogonality_loss(a_new, a_prev)
+        if opts.lambda2:
+            total = total + opts.lambda2 * torch.stack([p.norm() for p in new]).norm()
+        return total
+
+    return loss
+
+
+@register("olora", OLoRAOptions)
+def olora(model, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterator:
+    """A new LoRA adapter per task, trained orthogonal to the frozen earlier ones; yields the base
+    with all stages' adapters stacked into one. LoRA only."""
+    if cfg.method != "lora":
+        raise ConfigError(f"strategy kind olora trains LoRA adapters only, got train method {cfg.method!r}; use method: lora")
+    return _stages(model, stream, opts, cfg, work)
+
+
+def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterator:
+    from peft import PeftModel
+
+    base_fp = fingerprint(base)
+    bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
+    prev: Path | None = None
+    model = None
+    for s, task in enumerate(stream, 1):
+        if model is not None:  # the previous stage's model has been evaluated: reuse its base
+            base = model.unload()
+        folder = work.folder("olora", prev.name if prev else base_fp, task.data_hash(), cfg.model_dump(), opts.model_dump(), bf16)
+        work.used.append(folder)
+        if read_manifest(folder) is None:
+            staged = stage_model(base, prev, cfg, cfg.seed + s)
+            result = train(
+                staged,
+                work.tokenizer,
+                task.train,
+                cfg,
+                extra_loss=penalty(staged, opts),
+                trainable=lambda name: f".{NEW}." in name,  # earlier stages stay frozen
+                progress=work.progress,
+                desc=f"olora on {task.name}",
+            )
+            result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
+            save_contribution(result, work.tokenizer, task, cfg, folder, base=work.base, base_fingerprint=base_fp)
+            model = result.model
+        else:
+            model = PeftModel.from_pretrained(base, str(folder)).eval()
+        prev = folder
+        yield model

@@ -1,0 +1,172 @@
+"""Merge methods against direct formulas; adapters and streaming against in-memory merges."""
+
+import json
+
+import pytest
+import torch
+
+from cairn.cli import main
+from cairn.methods.merge_models import merge_models
+from cairn.methods.merging import METHODS, MergeOptions, kth_largest, magnitude_mask, merge_tensor
+
+
+def inputs(n=3, shape=(6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def test_average_and_task_arithmetic_match_their_formulas():
+    base, ts = inputs()
+    w = [0.5, 1.0, 2.0]
+    avg = merge_tensor(MergeOptions(method="average"), "p", base, ts, w)
+    torch.testing.assert_close(avg, sum(wi * t for wi, t in zip(w, ts)) / sum(w))
+    ta = merge_tensor(MergeOptions(method="task_arithmetic", lambda_=0.7), "p", base, ts, w)
+    torch.testing.assert_close(ta, base + 0.7 * sum(wi * (t - base) for wi, t in zip(w, ts)))
+    ta_norm = merge_tensor(MergeOptions(method="task_arithmetic", normalize=True), "p", base, ts, w)
+    torch.testing.assert_close(ta_norm, base + sum(wi * (t - base) for wi, t in zip(w, ts)) / sum(w))
+
+
+def test_ties_matches_an_entrywise_formula():
+    base, ts = inputs(n=3, shape=(4, 7), seed=1)
+    w, density, lam = [1.0, 2.0, 0.5], 0.4, 1.3
+    out = merge_tensor(MergeOptions(method="ties", density=density, lambda_=lam), "p", base, ts, w)
+    k = int(density * base.numel())
+    kept = []
+    for t in ts:  # top-k by magnitude, written with a full sort
+        d = (t - base).flatten()
+        keep = torch.zeros_like(d)
+        keep[d.abs().argsort(descending=True)[:k]] = 1
+        kept.append(d * keep)
+    expected = torch.empty(base.numel())
+    for e in range(base.numel()):
+        vals = [wi * kd[e].item() for wi, kd in zip(w, kept)]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [(v, wi) for v, wi in zip(vals, w) if v != 0 and (v > 0) == (sign > 0)]
+        total = sum(v for v, _ in agree)
+        weight = sum(wi for _, wi in agree) or 1.0
+        expected[e] = base.flatten()[e] + lam * total / weight
+    torch.testing.assert_close(out, expected.view_as(base))
+
+
+def test_dare_drops_with_the_density_and_rescales_survivors():
+    base = torch.zeros(200, 200)
+    ts = [torch.ones(200, 200)]
+    out = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=3), "p", base, ts, [1.0])
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
+    assert torch.all(out[kept] == 4.0)  # 1 / density
+    again = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=3), "p", base, ts, [1.0])
+    other = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=4), "p", base, ts, [1.0])
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # dare_ties: opposite signs at density 1 -> the larger mass wins, the other is not averaged in
+    ties = merge_tensor(MergeOptions(method="dare_ties"), "p", torch.zeros(3), [torch.tensor([1.0, -1, 2]), torch.tensor([-3.0, -2, 1])], [1.0, 1.0])
+    torch.testing.assert_close(ties, torch.tensor([-3.0, -3.0, 3.0]))
+
+
+def test_kth_largest_is_exact_on_large_tensors():
+    x = torch.randn(3_000_000).abs()
+    x[:1000] = x[0]  # many exact ties
+    for k in (1, 17, 1_500_000, 2_999_999):
+        assert kth_largest(x, k) == torch.kthvalue(x, x.numel() - k + 1).values
+
+
+def test_magnitude_mask_keeps_exactly_k_with_ties_to_lower_indices():
+    mask = magnitude_mask(torch.tensor([1.0, -1.0, 1.0, 0.5]), 0.5)
+    assert mask.tolist() == [True, True, False, False]
+    assert magnitude_mask(torch.randn(10, 10), 0.37).sum() == 37
+
+
+def test_non_float_tensors_come_from_the_base():
+    base = torch.arange(5)
+    assert torch.equal(merge_tensor(MergeOptions(method="ties"), "p", base, [base + 1], [1.0]), base)
+
+
+# --- on disk -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny):
+    """The tiny-random base folder, two LoRA adapters of it, and the full models they stand for."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cairn.models import resolve_folder
+
+    root = tmp_path_factory.mktemp("merge")
+    base_dir = resolve_folder("tiny-random")
+    adapters, fulls = [], []
+    for i in range(2):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        model.save_pretrained(root / f"adapter{i}")
+        model.merge_and_unload().save_pretrained(root / f"full{i}")
+        fulls.append(root / f"full{i}")
+        adapters.append(root / f"adapter{i}")
+    return base_dir, adapters, fulls
+
+
+def state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(f"{folder}/model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
+def test_adapter_deltas_merge_like_the_full_models_they_stand_for(folders, tmp_path, method):
+    base_dir, adapters, fulls = folders
+    opts = MergeOptions(method=method, density=0.5 if method == "ties" else 1.0)
+    merge_models(base_dir, adapters, tmp_path / "from-adapters", opts, progress=False)
+    merge_models(base_dir, fulls, tmp_path / "from-full", opts, progress=False)
+    a, f = state(tmp_path / "from-adapters"), state(tmp_path / "from-full")
+    assert a.keys() == f.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], f[k], atol=2e-6, rtol=1e-5)
+
+
+def test_streaming_merge_equals_the_in_memory_merge(folders, tmp_path):
+    base_dir, adapters, fulls = folders
+    opts = MergeOptions(method="ties", density=0.3, lambda_=0.9)
+    merge_models(base_dir, [fulls[0], adapters[1]], tmp_path / "out", opts, weights=[1.0, 0.5], progress=False)
+    base, t0, t1 = state(base_dir), state(fulls[0]), state(fulls[1])
+    out = state(tmp_path / "out")
+    assert out.keys() == base.keys()
+    for k in base:
+        torch.testing.assert_close(out[k], merge_tensor(opts, k, base[k], [t0[k], t1[k]], [1.0, 0.5]), atol=2e-6, rtol=1e-5)
+    manifest = json.loads((tmp_path / "out" / "cairn.json").read_text())
+    assert manifest["merge"]["method"] == "ties" and "model.safetensors" in manifest["files"]
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_merged_folder_loads_and_the_svd_adapter_reconstructs_it(folders, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapters, _ = folders
+    opts = MergeOptions(method="task_arithmetic")
+    merge_models(base_dir, adapters, tmp_path / "full", opts, progress=False)
+    stats = merge_models(base_dir, adapters, tmp_path / "lora", opts, adapter_rank=8, progress=False)
+    assert stats["svd"]["relative_error"] < 1e-4  # two rank-4 deltas: rank 8 is exact
+    low = merge_models(base_dir, adapters, tmp_path / "lora2", opts, adapter_rank=2, progress=False)
+    assert 0.05 < low["svd"]["relative_error"] < 1
+    x = torch.tensor([[1, 5, 9, 13, 17]])
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora")
+    torch.testing.assert_close(lora(x).logits, full(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_merge_and_its_errors(folders, tmp_path, capsys):
+    base_dir, adapters, fulls = folders
+    out = tmp_path / "m"
+    assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", *map(str, fulls), "--density", "0.5", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert main(["merge", "--method", "average", "--base", str(base_dir), "--inputs", str(fulls[0]), "--density", "0.5", "--out", str(out)]) == 4
+    assert "--density does not apply to average" in capsys.readouterr().err
+    assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", str(fulls[0]), "--weights", "1", "2", "--out", str(out)]) == 5
+    assert "2 weights for 1 inputs" in capsys.readouterr().err
+    assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", "nope", "--out", str(out), "--store", str(tmp_path / "s")]) == 2
+    assert "neither a folder nor a contribution" in capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()  # failed merges left the earlier output intact

@@ -1,0 +1,117 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cairn.methods.olora as olora_mod
+from cairn.config import parse_config
+from cairn.data import Example, Task
+from cairn.errors import ConfigError
+from cairn.experiment import Workspace
+from cairn.methods.olora import OLoRAOptions, orthogonality_loss, stack_lora, stack_stages
+from cairn.store import read_manifest
+from cairn.strategies import STRATEGIES
+from cairn.training import TrainConfig
+
+CFG = TrainConfig(epochs=2, lr=1e-2, batch_size=4, lora_r=4, warmup_ratio=0.0, bf16=False)
+
+
+def task(name: str, n: int = 8) -> Task:
+    return Task(name, "exact", {"train": [Example(f"Question: {name} code {i}?\nAnswer:", f"{name[:2]}{i}") for i in range(n)]})
+
+
+def run_olora(tiny, root, opts: OLoRAOptions, cfg: TrainConfig = CFG) -> tuple[Workspace, list]:
+    """Two O-LoRA stages on tiny-random through a real workspace; the stacked adapters' folders."""
+    model, tokenizer = tiny
+    work = Workspace(root, "tiny-random", tokenizer, progress=False)
+    stages = STRATEGIES["olora"].fn(copy.deepcopy(model), iter([task("alpha"), task("beta")]), opts, cfg, work)
+    models = list(stages)
+    assert len(models) == 2
+    return work, models
+
+
+def test_orthogonality_loss_matches_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    a_new = [torch.randn(3, 5, generator=g), torch.randn(2, 7, generator=g)]
+    a_prev = [torch.randn(4, 5, generator=g), torch.randn(6, 7, generator=g)]
+    direct = sum(
+        abs(sum(new[i, k] * prev[j, k] for k in range(new.shape[1])))
+        for new, prev in zip(a_new, a_prev)
+        for i in range(new.shape[0])
+        for j in range(prev.shape[0])
+    )
+    assert orthogonality_loss(a_new, a_prev).item() == pytest.approx(float(direct), rel=1e-5)
+    eye = torch.eye(4)
+    assert orthogonality_loss([eye[:2]], [eye[2:]]).item() == 0.0
+    assert orthogonality_loss([], []).item() == 0.0
+
+
+def test_stacked_lora_is_the_sum_of_the_stage_deltas():
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(r, 6, generator=g), torch.randn(5, r, generator=g), s) for r, s in ((2, 2.0), (3, 0.5))]
+    a, b = stack_lora(parts, scale=2.0)
+    assert a.shape == (5, 6) and b.shape == (5, 5)
+    torch.testing.assert_close(2.0 * b @ a, sum(s * bi @ ai for ai, bi, s in parts))
+
+
+def test_the_saved_stacked_adapter_loads_and_equals_the_two_adapter_model(tiny, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, _ = tiny
+    target = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=target), adapter_name="one")
+    model.add_adapter("two", LoraConfig(r=3, lora_alpha=12, target_modules=target))  # a different scale: folded into B
+    model.base_model.set_adapter(["one", "two"])
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert not torch.allclose(expected, base(input_ids=ids).logits, atol=1e-3)
+        stack_stages(model, ["one", "two"]).save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+        assert loaded.peft_config["default"].r == 5
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def overlap(folder, r: int) -> float:
+    """sum |A_2 A_1ᵀ| over modules, read from the stacked adapter of two rank-r stages."""
+    state = load_file(folder / "adapter_model.safetensors")
+    a = [t for k, t in state.items() if "lora_A" in k]
+    return orthogonality_loss([t[r:] for t in a], [t[:r] for t in a]).item()
+
+
+def test_the_orthogonality_term_reduces_the_overlap_with_earlier_stages(tiny, tmp_path):
+    plain, _ = run_olora(tiny, tmp_path / "plain", OLoRAOptions(lambda1=0.0))
+    ortho, _ = run_olora(tiny, tmp_path / "ortho", OLoRAOptions(lambda1=10.0))
+    before, after = overlap(plain.used[-1], CFG.lora_r), overlap(ortho.used[-1], CFG.lora_r)
+    assert after < 0.5 * before
+
+
+def test_olora_stacks_stages_and_a_rerun_reuses_them(tiny, tmp_path, monkeypatch):
+    opts = OLoRAOptions(lambda2=0.01)
+    work, models = run_olora(tiny, tmp_path, opts)
+    first, second = work.used
+    assert read_manifest(first)["task"] == "alpha" and read_manifest(second)["task"] == "beta"
+    assert models[-1].peft_config["default"].r == 2 * CFG.lora_r
+    assert work.cost()["tokens"] > 0 and work.cost()["trainable_params"] > 0
+
+    calls = []
+    monkeypatch.setattr(olora_mod, "train", lambda *a, **k: calls.append(1))
+    again, reloaded = run_olora(tiny, tmp_path, opts)
+    assert calls == [] and again.used == work.used
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded[-1](input_ids=ids).logits, models[-1](input_ids=ids).logits)
+
+
+def test_olora_refuses_full_fine_tuning_and_parses_its_options(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="LoRA adapters only"):
+        run_olora(tiny, tmp_path, OLoRAOptions(), TrainConfig(method="fft"))
+    cfg = parse_config({"base": "tiny-random", "tasks": ["pack:people"], "strategies": [{"name": "o", "kind": "olora", "lambda1": 1.0}]})
+    assert cfg.strategies[0].typed_options() == OLoRAOptions(lambda1=1.0)
+    with pytest.raises(ConfigError):
+        parse_config({"base": "tiny-random", "tasks": ["pack:people"], "strategies": [{"name": "o", "kind": "olora", "lambda1": -1}]})
