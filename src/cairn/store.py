@@ -55,11 +55,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file in `folder` (recursively) except the manifest."""
-    out = {}
+def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file in `folder` (recursively) except the manifest; `known` gives hashes
+    already computed while writing (relative path -> hex digest)."""
+    out = dict(known or {})
     for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in out:
             h = hashlib.sha256()
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -11,10 +11,12 @@ the header first and then appends tensors as they are computed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -133,7 +135,8 @@ class FolderWeights:
 
 class SafetensorsWriter:
     """Write a safetensors file whose tensor names, dtypes and shapes are known up front, one
-    tensor at a time in that order; the header is written first."""
+    tensor at a time in that order; the header is written first. Writing and hashing (sha256,
+    kept in `digest`) run on a background thread, overlapping the computation of the next tensor."""
 
     def __init__(self, path: str | Path, specs: list[tuple[str, torch.dtype, list[int]]], metadata: dict | None = None):
         header, offset = {}, 0
@@ -147,23 +150,39 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
         self._order = [(n, DTYPES[header[n]["dtype"]], header[n]["shape"]) for n, _, _ in specs]
         self._next = 0
+        self._hash = hashlib.sha256()
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: list = []
+        self.digest: str | None = None
+        self._put(struct.pack("<Q", len(raw)) + raw)
+
+    def _put(self, data) -> None:
+        def work():
+            self._file.write(data)
+            self._hash.update(data)
+
+        self._pending.append(self._pool.submit(work))
+        if len(self._pending) > 2:  # at most two tensors wait in memory
+            self._pending.pop(0).result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected, dtype, shape = self._order[self._next]
         if name != expected or tensor.dtype != dtype or list(tensor.shape) != list(shape):
             raise ValueError(f"expected tensor {expected} {dtype} {shape}, got {name} {tensor.dtype} {list(tensor.shape)}")
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(flat.numpy()))
+        self._put(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
         """Finish the file (fsync); refuses if tensors are missing."""
         try:
+            for job in self._pending:
+                job.result()
             if self._next != len(self._order):
                 raise ValueError(f"{len(self._order) - self._next} tensors were never written")
             self._file.flush()
             os.fsync(self._file.fileno())
+            self.digest = self._hash.hexdigest()
         finally:
+            self._pool.shutdown()
             self._file.close()

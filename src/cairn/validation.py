@@ -16,9 +16,10 @@ class Strict(BaseModel):
     @classmethod
     def _known_keys(cls, data):
         if isinstance(data, dict):
-            unknown = [k for k in data if k not in cls.model_fields]
+            names = [f.alias or name for name, f in cls.model_fields.items()]
+            unknown = [k for k in data if k not in names and k not in cls.model_fields]
             if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(cls.model_fields)}")
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}")
         return data
 
 

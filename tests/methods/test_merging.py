@@ -7,7 +7,7 @@ import torch
 
 from cairn.cli import main
 from cairn.methods.merge_models import merge_models
-from cairn.methods.merging import METHODS, MergeOptions, kth_largest, magnitude_mask, merge_tensor
+from cairn.methods.merging import MergeOptions, magnitude_mask, magnitude_threshold, merge_tensor
 
 
 def inputs(n=3, shape=(6, 5), seed=0):
@@ -64,11 +64,23 @@ def test_dare_drops_with_the_density_and_rescales_survivors():
     torch.testing.assert_close(ties, torch.tensor([-3.0, -3.0, 3.0]))
 
 
-def test_kth_largest_is_exact_on_large_tensors():
-    x = torch.randn(3_000_000).abs()
-    x[:1000] = x[0]  # many exact ties
-    for k in (1, 17, 1_500_000, 2_999_999):
-        assert kth_largest(x, k) == torch.kthvalue(x, x.numel() - k + 1).values
+def test_lambda_is_accepted_under_its_yaml_name():
+    assert MergeOptions(**{"method": "ties", "lambda": 0.5}).lambda_ == 0.5
+    with pytest.raises(ValueError, match="allowed: method, density, lambda"):
+        MergeOptions(method="ties", lamda=0.5)
+
+
+@pytest.mark.parametrize("density", [1e-6, 0.2, 0.5, 0.999999])
+def test_magnitude_threshold_and_count_are_exact_on_large_tensors(density):
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(3_000_000, generator=g)
+    theta[:200_000] = theta[0]  # many exact ties
+    k = max(1, int(density * theta.numel()))
+    t, _ = magnitude_threshold(torch.zeros_like(theta), theta, density)
+    assert t == torch.kthvalue(theta.abs(), theta.numel() - k + 1).values
+    kept = magnitude_mask(theta, density)
+    assert int(kept.sum()) == k
+    assert torch.all(theta.abs()[kept] >= t) and torch.all(theta.abs()[~kept] <= t)
 
 
 def test_magnitude_mask_keeps_exactly_k_with_ties_to_lower_indices():

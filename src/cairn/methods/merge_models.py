@@ -132,43 +132,42 @@ def merge_models(
     stats = {"method": opts.method, "options": opts.model_dump(by_alias=True), "weights": weights, "inputs": [str(p) for p in inputs], "tensors": len(names)}
     try:
         with atomic_dir(Path(out)) as tmp:
+            known = {}
             if adapter_rank is None:
-                _write_full(base_w, sources, names, opts, weights, tmp, progress)
+                known = _write_full(base_w, sources, names, opts, weights, tmp, progress)
                 for f in Path(base).iterdir():  # config, tokenizer, generation config
                     if f.is_file() and not _WEIGHT_FILES.fullmatch(f.name):
                         shutil.copy2(f, tmp / f.name)
             else:
                 stats["svd"] = _write_adapter(base_w, sources, names, opts, weights, tmp, adapter_rank, str(base), progress)
             stats["wall_s"] = round(time.perf_counter() - start, 3)
-            write_manifest(tmp, {"schema": 1, "kind": "adapter" if adapter_rank else "model", "merge": stats, **(manifest or {}), "files": file_hashes(tmp)})
+            write_manifest(tmp, {"schema": 1, "kind": "adapter" if adapter_rank else "model", "merge": stats, **(manifest or {}), "files": file_hashes(tmp, known)})
     finally:
         for s in [base_w, *sources]:
             s.close()
     return stats
 
 
-def _merged(base_w, sources, name, opts, weights):
-    base = base_w.get(name)
-    out = merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)
-    return base, out
+def _merged_in_order(base_w, sources, names, opts, weights, progress, desc):
+    """Yield (name, base tensor, merged tensor) in order, releasing each parameter's pages after."""
+    for name in tqdm(names, desc=desc, disable=not progress, leave=False):
+        base = base_w.get(name)
+        yield name, base, merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)
+        base_w.release(name)
+        for src in sources:
+            src.release(name)
 
 
-def _release(base_w, sources, name):
-    base_w.release(name)
-    for s in sources:
-        s.release(name)
-
-
-def _write_full(base_w, sources, names, opts, weights, tmp, progress):
+def _write_full(base_w, sources, names, opts, weights, tmp, progress) -> dict[str, str]:
+    """Write the merged model.safetensors; returns its sha256 for the manifest."""
     specs = [(n, *base_w.meta(n)) for n in names]
     writer = SafetensorsWriter(tmp / "model.safetensors", specs, metadata={"format": "pt"})
     try:
-        for name in tqdm(names, desc=f"merging ({opts.method})", disable=not progress, leave=False):
-            _, merged = _merged(base_w, sources, name, opts, weights)
+        for name, _, merged in _merged_in_order(base_w, sources, names, opts, weights, progress, f"merging ({opts.method})"):
             writer.write(name, merged)
-            _release(base_w, sources, name)
     finally:
         writer.close()
+    return {"model.safetensors": writer.digest}
 
 
 def _write_adapter(base_w, sources, names, opts, weights, tmp, rank, base_ref, progress):
@@ -177,10 +176,8 @@ def _write_adapter(base_w, sources, names, opts, weights, tmp, rank, base_ref, p
 
     state, modules = {}, []
     err2 = kept2 = dropped2 = 0.0
-    for name in tqdm(names, desc=f"merging ({opts.method}) to rank {rank}", disable=not progress, leave=False):
-        base, merged = _merged(base_w, sources, name, opts, weights)
+    for name, base, merged in _merged_in_order(base_w, sources, names, opts, weights, progress, f"merging ({opts.method}) to rank {rank}"):
         delta = merged.float() - base.float()
-        _release(base_w, sources, name)
         norm2 = float(delta.pow(2).sum())
         if norm2 == 0:
             continue

@@ -1,0 +1,108 @@
+"""Merge 4 full fine-tunes of the bundled 135M model with Cairn and with mergekit; print the
+wall time and peak memory of each (a separate process each, peak RSS from wait4), their ratios,
+and how far the two tools' outputs are apart.
+
+    make bench-merge           # creates bench/.mergekit-venv (mergekit from PyPI) and runs this
+
+The fine-tunes (1 epoch of FFT on each knowledge pack, cached in bench/work/merge) take about
+two minutes the first time. Bars (issue 4): ties >= 10x faster than mergekit with <= half its
+peak memory; average >= 2x faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKS = ["people", "compounds", "companies", "countries"]
+# Cairn method -> (mergekit method, Cairn CLI options, mergekit per-model parameters, mergekit global parameters)
+CASES = {
+    "ties": ("ties", ["--density", "0.5"], "weight: 1.0, density: 0.5", ""),
+    "average": ("linear", [], "weight: 1.0", ""),
+    "task_arithmetic": ("task_arithmetic", ["--lambda", "0.5"], "weight: 1.0", "lambda: 0.5"),
+}
+
+
+def fine_tunes(work: Path) -> tuple[Path, list[Path]]:
+    from cairn.data import load_task
+    from cairn.models import DEFAULT_BASE, resolve_folder
+    from cairn.store import read_manifest
+    from cairn.training import TrainConfig, train_contribution
+
+    out = []
+    for pack in PACKS:
+        folder = work / f"fft-{pack}"
+        if read_manifest(folder) is None:
+            cfg = TrainConfig(method="fft", epochs=1, lr=1e-4)
+            train_contribution(DEFAULT_BASE, load_task(f"pack:{pack}"), cfg, folder)
+        out.append(folder)
+    return Path(resolve_folder(DEFAULT_BASE)), out
+
+
+def measure(cmd: list[str], env=None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of a command run as a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def compare(a: Path, b: Path) -> tuple[float, float]:
+    """(largest absolute difference, fraction of entries differing by more than 1e-6)."""
+    from cairn.tensor_files import FolderWeights
+
+    fa, fb = FolderWeights(a), FolderWeights(b)
+    worst, off, total = 0.0, 0, 0
+    for name in fa.keys():
+        d = (fa.get(name).float() - fb.get(name).float()).abs()
+        worst = max(worst, float(d.max()))
+        off += int((d > 1e-6).sum())
+        total += d.numel()
+    return worst, off / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mergekit", type=Path, default=ROOT / "bench" / ".mergekit-venv" / "bin" / "mergekit-yaml")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "merge")
+    parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    if not args.mergekit.exists():
+        sys.exit(f"{args.mergekit} not found: run `make bench-merge`, which installs mergekit into bench/.mergekit-venv")
+    args.work.mkdir(parents=True, exist_ok=True)
+    base, fts = fine_tunes(args.work)
+    for f in [base, *fts]:  # warm the page cache so neither tool pays the first disk read
+        (f / "model.safetensors").read_bytes()
+    cairn = str(Path(sys.executable).with_name("cairn"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rows = []
+    for method in args.methods:
+        mk_method, cairn_opts, mk_params, mk_globals = CASES[method]
+        config = args.work / f"mergekit-{method}.yml"
+        models = "".join(f"  - model: {f}\n    parameters: {{{mk_params}}}\n" for f in fts)
+        base_line = "" if mk_method == "linear" else f"base_model: {base}\n"  # linear's inputs are the models alone
+        globals_line = f"parameters: {{{mk_globals}}}\n" if mk_globals else ""
+        config.write_text(f"merge_method: {mk_method}\n{base_line}models:\n{models}{globals_line}dtype: float32\n")
+        mk_out, c_out = args.work / f"out-mergekit-{method}", args.work / f"out-cairn-{method}"
+        mk = measure([str(args.mergekit), str(config), str(mk_out), "--quiet"], env)
+        ca = measure([cairn, "merge", "--method", method, "--base", str(base), "--inputs", *map(str, fts), *cairn_opts, "--out", str(c_out)], env)
+        worst, frac = compare(mk_out, c_out)
+        rows.append((method, mk, ca, worst, frac))
+        print(f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | cairn {ca[0]:5.1f} s {ca[1]:5.2f} GB | "
+              f"{mk[0] / ca[0]:5.1f}x faster, {ca[1] / mk[1]:.2f}x memory | max |diff| {worst:.2e}, {frac:.2e} of entries > 1e-6", flush=True)
+    print(f"\n{torch.get_num_threads()} threads; 4 fine-tunes of {base.name}, float32")
+
+
+if __name__ == "__main__":
+    main()
