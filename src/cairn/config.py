@@ -170,6 +170,9 @@ QUICKSTART = {
         {"name": "seq-lora", "kind": "sequential"},
         {"name": "replay-lora", "kind": "replay", "rate": 0.1},
         {"name": "joint-lora", "kind": "joint"},
+        {"name": "olora", "kind": "olora"},
+        {"name": "merge-ties", "kind": "merge", "method": "ties", "density": 0.5},
+        {"name": "merge-average", "kind": "merge", "method": "average"},
     ],
     "seeds": [0],
 }

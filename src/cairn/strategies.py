@@ -113,3 +113,4 @@ def joint(model, stream, opts: JointOptions, cfg, work) -> Iterator:
         union = Task("+".join(t.name for t in seen), task.metric, {"train": joint_mixture(seen, opts.mix, cfg.seed)})
         yield work.train(copy.deepcopy(model), union, cfg)
 from cairn.methods import olora as _olora  # noqa: E402,F401  registers "olora"
+from cairn.methods import merge_strategy as _merge  # noqa: E402,F401  registers "merge"
