@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cairn-setup
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-merge clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Cairn's merges against mergekit's, installed from PyPI into its own environment.
+MERGEKIT := bench/.mergekit-venv/bin/mergekit-yaml
+$(MERGEKIT):
+	$(PYTHON) -m venv bench/.mergekit-venv
+	bench/.mergekit-venv/bin/pip install --quiet torch==2.13.0
+	bench/.mergekit-venv/bin/pip install --quiet mergekit==0.1.5
+
+bench-merge: setup $(MERGEKIT)
+	$(PY) bench/merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
