@@ -108,3 +108,45 @@ def test_atomic_writes_leave_the_previous_version_on_a_crash(tmp_path):
             raise RuntimeError("crash mid-write")
     assert not (tmp_path / "folder").exists() and target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_full_disk_is_refused_before_writing_and_mid_write_keeps_the_old_version(tmp_path, monkeypatch, tiny):
+    import errno
+    import os
+    import shutil
+    from collections import namedtuple
+
+    from cairn.errors import CairnError
+    from cairn.models import save_model
+    from cairn.store import atomic_write_text
+
+    model, tokenizer = tiny
+    out = tmp_path / "model"
+    save_model(model, tokenizer, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(CairnError, match="not enough free disk"):
+        save_model(model, tokenizer, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def half_written(self, folder, **_):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CairnError, match="disk filled up"):
+        atomic_write_text(target, "new")
+    monkeypatch.setattr(type(model), "save_pretrained", half_written)
+    with pytest.raises(CairnError, match="disk filled up"):
+        save_model(model, tokenizer, out)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -250,8 +250,20 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def saved_bytes(model) -> int:
+    """About how many bytes `save_model` writes: the adapter's weights for a PEFT model, else all."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def save_model(model, tokenizer, out: Path) -> None:
-    """Save a full model as a HF folder (safetensors) or a PEFT adapter, atomically."""
-    with atomic_dir(out) as tmp:
+    """Save a full model as a HF folder (safetensors) or a PEFT adapter, atomically, after
+    checking the disk can hold it."""
+    with atomic_dir(out, needed=saved_bytes(model)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,9 +26,13 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            from cairn.errors import CairnError
+
+            raise CairnError(f"{path}: the disk filled up while writing it; the previous version is intact") from exc
         raise
 
 
@@ -35,14 +40,42 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+_MARGIN_BYTES = 64 * 2**20  # kept free beyond an output's size
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `what` (about `needed` bytes) where the disk cannot hold it."""
+    from cairn.errors import CairnError
+
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed + _MARGIN_BYTES:
+        raise CairnError(
+            f"not enough free disk for {what}: needs about {needed / 2**20:.0f} MB (+{_MARGIN_BYTES // 2**20} MB margin), "
+            f"{free / 2**20:.0f} MB free at {folder}; free some space or write elsewhere"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out` whole, on error it vanishes."""
+def atomic_dir(out: Path, needed: int = 0) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` whole, on error it
+    vanishes and `out` is untouched. `needed` (bytes) is checked against the free disk first."""
+    from cairn.errors import CairnError
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if needed:
+        check_free_space(out.parent, needed, str(out))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
+            raise
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
@@ -147,6 +180,7 @@ class Store:
         digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
         cid = self._check_id(name if name is not None else f"{manifest['task']}-{manifest['method']}-{digest[:10]}".replace("/", "_").replace(":", "_"))
         self.items.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.items, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), f"contribution {cid!r}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", suffix=".tmp", dir=self.items))
         try:
             shutil.copytree(path, tmp, dirs_exist_ok=True)

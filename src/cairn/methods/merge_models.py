@@ -131,7 +131,8 @@ def merge_models(
     names = base_w.keys()
     stats = {"method": opts.method, "options": opts.model_dump(by_alias=True), "weights": weights, "inputs": [str(p) for p in inputs], "tensors": len(names)}
     try:
-        with atomic_dir(Path(out)) as tmp:
+        size = sum((Path(base) / f).stat().st_size for f in set(base_w.where.values()))
+        with atomic_dir(Path(out), needed=size if adapter_rank is None else size // 100) as tmp:
             known = {}
             if adapter_rank is None:
                 known = _write_full(base_w, sources, names, opts, weights, tmp, progress)
