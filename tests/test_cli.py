@@ -69,3 +69,39 @@ def test_eval_runs_on_a_trace_folder(capsys, tmp_path):
     assert main(["eval", "--model", "tiny-random", "--task", str(TRACE / "FOMC"), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["metric"] == "choice" and data["n"] == 100
+
+
+def test_usage_errors_and_help_return_their_code(capsys):
+    assert main(["teleport"]) == 2
+    assert "cairn: error: argument command: invalid choice: 'teleport'" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "bundled:nope", "--task", "pack:people", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["generate", "--model", "bundled:nope", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1, got -1"),
+    (["merge", "--method", "ties", "--base", "bundled:nope", "--inputs", "x", "--out", "o", "--as-adapter", "--rank", "0"], "--rank must be at least 1, got 0"),
+    (["data", "inspect", "pack:people", "-n", "-1"], "-n must be at least 0, got -1"),
+    (["train", "--base", "bundled:nope", "--task", "pack:people", "--out", "o", "--seed", "-1"], "--seed must be between 0 and 4294967295"),
+])
+def test_numbers_below_their_minimum_are_refused_before_any_model_loads(capsys, argv, message):
+    assert main(argv) == 4
+    assert message in capsys.readouterr().err
+
+
+def test_train_and_eval_refuse_a_folder_or_empty_split_before_loading_a_model(capsys, tmp_path):
+    assert main(["eval", "--model", "bundled:nope", "--task", "pack:people", "--json", str(tmp_path)]) == 4
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+    assert main(["train", "--base", "bundled:nope", "--task", "probe:general", "--out", str(tmp_path / "o")]) == 3
+    assert "task probe:general has no 'train' examples" in capsys.readouterr().err
+
+
+def test_an_error_naming_a_path_with_a_line_break_stays_one_line(capsys, tmp_path):
+    assert main(["run", str(tmp_path / "a\nb.yaml")]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a\\nb.yaml: cannot read" in err
+
+
+def test_report_on_a_results_file_that_is_not_an_object(capsys, tmp_path):
+    (tmp_path / "results.json").write_text("[]")
+    assert main(["report", str(tmp_path)]) == 3

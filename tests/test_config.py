@@ -75,3 +75,37 @@ def test_trace_config_reads_its_stream_from_data_dir(monkeypatch):
     assert [t.name for t in tasks] == ["NumGLUE-cm", "NumGLUE-ds", "FOMC", "ScienceQA"]
     assert [t.metric for t in tasks] == ["exact", "exact", "choice", "choice"]
     assert probe.name == "probe:general"
+
+
+@pytest.mark.parametrize("change, messages", [
+    ({1: "x"}, ["unknown key(s) 1; allowed: name, base"]),
+    ({"strategies": [{"name": "x", "kind": "sequential", 2: True}]}, ["strategy 'x' (sequential)", "unknown key(s) 2; allowed: continue_adapter"]),
+    ({"train": {3: 1}}, ["strategy 'seq-fft' train", "unknown key(s) 3; allowed: method"]),
+])
+def test_keys_that_are_not_strings_are_named(tmp_path, change, messages):
+    path = write(tmp_path, {**QUICKSTART, **change})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert all(m in str(err.value) for m in messages) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: 2001-13-01\n", "a value cannot be read as the date, number or !!type it looks like or is tagged with: ValueError: month must be in 1..12); quote it"),
+    ("seeds: !!int zero\n", "ValueError: invalid literal for int()"),
+    ("name: !!bool maybe\n", "KeyError: 'maybe'"),
+    ("name: !!timestamp x\n", "AttributeError"),
+    ("name: !!int ''\n", "IndexError"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "not valid YAML (nested too deeply)"),
+])
+def test_bad_dates_numbers_and_deep_nesting_are_config_errors(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("seed, message", [(-1, "seeds.0: Input should be greater than or equal to 0"),
+                                           (2**32, "seeds.0: Input should be less than 4294967296")])
+def test_seeds_numpy_cannot_take_are_refused(seed, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**QUICKSTART, "seeds": [seed]})

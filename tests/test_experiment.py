@@ -109,3 +109,104 @@ def test_report_renders_from_a_saved_results_json(tmp_path, exp_config):
     csv = (out / "R_seq-lora.csv").read_text().splitlines()
     assert csv[0] == "stage,alpha,beta,G" and len(csv) == 4
     assert (out / "summary_final.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def fingerprint_scores(monkeypatch):
+    """Replace evaluation by a score standing for the model's exact weights (a slice of its
+    fingerprint): equal scores mean bit-identical models, and nothing is generated."""
+    from cairn.evaluation import EvalResult
+    from cairn.models import fingerprint
+
+    def score(model, tokenizer, task, **_):
+        return EvalResult(task.name, task.metric, "test", len(task.test), int(fingerprint(model)[:8], 16) / 16**8)
+
+    monkeypatch.setattr(experiment, "evaluate_task", score)
+
+
+def checkpointing_every_step(monkeypatch, extra_losses: dict) -> None:
+    """The runner's trainings checkpoint after every step; the n-th one started (from 1) adds
+    `extra_losses[n]` to its loss."""
+    from cairn.training import train
+
+    started = []
+
+    def patched(*args, **kwargs):
+        started.append(1)
+        extra = extra_losses.get(len(started))
+        return train(*args, **kwargs, checkpoint_every=1, **({"extra_loss": extra} if extra else {}))
+
+    monkeypatch.setattr(experiment, "train", patched)
+
+
+def extra_loss(calls: list, fault_at: int | None = None, fault=Crash):
+    """An extra loss of 0 that records each call (one per step here) and, from call `fault_at`
+    on, raises `fault` or (for a float) adds it."""
+    import torch
+
+    def extra(_model):
+        calls.append(1)
+        if fault_at is None or len(calls) < fault_at:
+            return torch.zeros(())
+        if isinstance(fault, float):
+            return torch.tensor(fault)
+        raise fault()
+
+    return extra
+
+
+def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint(tmp_path, exp_config, monkeypatch):
+    exp_config["strategies"] = exp_config["strategies"][1:2]  # seq-lora
+    exp_config["train"]["epochs"] = 2  # 6 examples in batches of 4: 4 steps per stage
+    cfg = parse_config(exp_config)
+    fingerprint_scores(monkeypatch)
+    checkpointing_every_step(monkeypatch, {2: extra_loss([], fault_at=4)})  # stage 2 dies in its 4th step
+    with pytest.raises(Crash):
+        run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    checkpoints = tmp_path / "run" / "cache" / "checkpoints"
+    assert [p.name for p in checkpoints.glob("*/*")] == ["step-00000003"]  # stage 1's was removed when done
+
+    steps = []
+    checkpointing_every_step(monkeypatch, {1: extra_loss(steps)})
+    resumed = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert len(steps) == 1  # only the step that was lost
+    assert list(checkpoints.iterdir()) == []
+    monkeypatch.undo()
+    fingerprint_scores(monkeypatch)  # an uninterrupted run with the runner's own training
+    fresh = run_experiment(cfg, tmp_path / "fresh", progress=False, log=lambda *_: None)
+    assert resumed["strategies"]["seq-lora"]["R"] == fresh["strategies"]["seq-lora"]["R"]
+
+
+def test_a_diverging_strategy_is_reported_and_the_others_go_on(tmp_path, exp_config, monkeypatch):
+    exp_config["strategies"] = exp_config["strategies"][:2]  # seq-fft, then seq-lora
+    fingerprint_scores(monkeypatch)
+    # Trainings in order: seq-fft stages 1 and 2 (a NaN loss from its 2nd and last step), seq-lora 1 and 2.
+    checkpointing_every_step(monkeypatch, {2: extra_loss([], fault_at=2, fault=float("nan"))})
+    out = tmp_path / "run"
+    results = run_experiment(parse_config(exp_config), out, progress=False, log=lambda *_: None)
+    fft, lora = results["strategies"]["seq-fft"], results["strategies"]["seq-lora"]
+    assert list(fft["diverged"]) == ["0"] and fft["diverged"]["0"]["stage"] == 2
+    assert "loss nan at step 2 of 2 (epoch 1 of 1); the last good checkpoint (step 1)" in fft["diverged"]["0"]["message"]
+    assert len(fft["R"]) == 2 and set(fft["summary"].values()) == set(fft["final"].values()) == {None}
+    assert "diverged" not in lora and len(lora["R"]) == 3 and lora["final"]["op"] is not None
+    assert [p.name for p in (out / "cache" / "checkpoints").glob("*/*")] == ["step-00000001"]  # kept
+    assert not (out / "seeds" / "0" / "seq-fft" / "stage-2.json").exists()
+    write_report(results, out)
+    summary = (out / "summary.md").read_text()
+    assert "| seq-fft | diverged at stage 2 |" in summary and "## Diverged" in summary
+    assert len((out / "R_seq-fft.csv").read_text().splitlines()) == 3  # header, base, stage 1
+
+
+def test_a_diverged_seed_is_named_and_left_out_of_the_means(exp_config):
+    from cairn.evaluation.scores import summarize
+    from cairn.report import build_results, summary_rows
+
+    cost = {"train_wall_s": 1.0, "tokens": 10, "trainable_params": 5, "peak_mem_mb": 1.0, "disk_mb": 1.0, "run_wall_s": 1.0}
+    done = {"R": [[0.0, 0.0], [0.5, 0.0], [0.25, 0.75]], "G": [0.5, 0.5, 0.4], "cost": cost}
+    done["summary"], done["final"] = summarize(done["R"], done["G"])
+    failed = {"R": [[0.0, 0.0], [0.1, 0.0]], "G": [0.5, 0.3], "cost": cost, "summary": None, "final": None,
+              "diverged": {"stage": 2, "message": "loss nan"}}
+    results = build_results(parse_config({**exp_config, "seeds": [0, 1]}), ["alpha", "beta"], {"seq-lora": {0: done, 1: failed}})
+    s = results["strategies"]["seq-lora"]
+    assert s["R"] == done["R"] and s["final"] == done["final"] and s["aggregate"]["final"]["op"]["n"] == 1
+    assert s["diverged"] == {"1": failed["diverged"]} and s["seeds"]["1"] == failed
+    assert summary_rows(results)[0][0] == "seq-lora (seed 1 diverged at stage 2; mean of the other seeds)"

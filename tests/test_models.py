@@ -88,3 +88,8 @@ def test_bundled_model_converts_once_loads_and_saves(tmp_path):
     assert (tmp_path / "copy" / "model.safetensors").stat().st_size > 500e6
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_a_home_path_of_an_unknown_user_is_a_model_error():
+    with pytest.raises(ModelError):
+        ModelSpec.parse("~no-such-user-cairn/model")

@@ -150,3 +150,38 @@ def test_a_full_disk_is_refused_before_writing_and_mid_write_keeps_the_old_versi
     monkeypatch.undo()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("index", ["{not json", "[]", '{"entries": [1]}', '{"entries": {"x": {"id": "x"}}}'])
+def test_a_damaged_index_is_a_data_error(tmp_path, index):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "index.json").write_text(index)
+    with pytest.raises(DataError, match=r"index\.json: (cannot read|damaged) the store index|index\.json: damaged store index"):
+        Store(tmp_path / "store").list()
+
+
+def test_manifests_that_are_not_objects_or_lack_a_files_mapping(tmp_path):
+    folder = fake_contribution(tmp_path / "c")
+    (folder / "cairn.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"cairn\.json: expected a JSON object \(a Cairn manifest\), got list"):
+        Store(tmp_path / "store").add(folder)
+    (folder / "cairn.json").write_text(json.dumps({"base_fingerprint": "ab", "task": "t", "method": "lora", "files": ["x"]}))
+    with pytest.raises(DataError, match="'files' is not a mapping of file name to sha256"):
+        Store(tmp_path / "store").add(folder)
+    (folder / "cairn.json").write_text(json.dumps({"base_fingerprint": 1, "task": "t", "method": "lora", "files": {}}))
+    with pytest.raises(DataError, match="field 'base_fingerprint' must be a string, got int"):
+        Store(tmp_path / "store").add(folder)
+
+
+def test_verify_reports_a_manifest_without_files(tmp_path):
+    store = Store(tmp_path / "store")
+    store.add(fake_contribution(tmp_path / "c"), name="x")
+    manifest = tmp_path / "store" / "items" / "x" / "cairn.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "files"}))
+    assert store.verify() == {"x": ["cairn.json: 'files' is not a mapping of file name to sha256"]}
+
+
+def test_a_store_where_a_file_is_refused(tmp_path):
+    (tmp_path / "store").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot create the store there"):
+        Store(tmp_path / "store").add(fake_contribution(tmp_path / "c"))

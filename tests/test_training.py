@@ -90,7 +90,9 @@ def test_train_contribution_writes_a_loadable_peft_adapter_with_manifest(tmp_pat
     task = load_task("pack:people")
     task.splits["train"] = task.train[:8]
     out = tmp_path / "people-lora"
-    manifest = train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), out, progress=False)
+    (tmp_path / "checkpoints" / "stale").mkdir(parents=True)
+    manifest = train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), out, progress=False, checkpoint_dir=tmp_path / "checkpoints")
+    assert not (tmp_path / "checkpoints").exists()  # removed once the contribution is saved
     assert (out / "adapter_model.safetensors").is_file()
     on_disk = json.loads((out / "cairn.json").read_text())
     assert on_disk == manifest
@@ -114,3 +116,75 @@ def test_train_contribution_fft_writes_an_hf_folder(tmp_path):
     manifest = train_contribution("tiny-random", task, TrainConfig(method="fft", epochs=1, batch_size=4), out, progress=False)
     assert manifest["kind"] == "model" and (out / "model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 2
+
+
+class Interrupt(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+def stop_at(call: int, value: float | None = None):
+    """An `extra_loss` adding 0 until its `call`-th use (one per batch), then raising Interrupt, or
+    from then on adding `value` when one is given."""
+    calls = []
+
+    def extra(_model):
+        calls.append(1)
+        if len(calls) < call:
+            return torch.zeros(())
+        if value is None:
+            raise Interrupt()
+        return torch.tensor(value)
+
+    return extra
+
+
+def params_equal(a, b) -> bool:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+# 6 examples, 2 steps per epoch. LoRA with dropout (so the RNG matters), accumulating 2 batches of 2
+# per step: interrupted in the last batch, after the step-3 checkpoint, taken mid-epoch. FFT in
+# batches of 4: interrupted in the last step, after the step-2 checkpoint, taken at an epoch's end.
+@pytest.mark.parametrize(
+    "cfg, interrupt_at, checkpoint",
+    [
+        (TrainConfig(method="lora", epochs=2, lr=3e-2, batch_size=2, grad_accum=2, lora_dropout=0.2, bf16=False), 6, 3),
+        (TrainConfig(method="fft", epochs=2, lr=1e-3, batch_size=4, bf16=False), 4, 2),
+    ],
+    ids=["lora", "fft"],
+)
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path, cfg, interrupt_at, checkpoint):
+    from cairn.checkpoints import Checkpoints
+    from cairn.models import load_model
+
+    examples = EXAMPLES[:6]
+    whole = train(*load_model("tiny-random"), examples, cfg, progress=False)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(Interrupt):
+        train(*load_model("tiny-random"), examples, cfg, progress=False, checkpoint_dir=folder, checkpoint_every=checkpoint, extra_loss=stop_at(interrupt_at))
+    assert [p.name for p in folder.iterdir()] == [f"step-{checkpoint:08d}"]
+    (folder / ".step-00000004.x.tmp").mkdir()  # what a kill in the middle of a write leaves
+    resumed = train(*load_model("tiny-random"), examples, cfg, progress=False, checkpoint_dir=folder, checkpoint_every=checkpoint)
+    assert params_equal(resumed.model, whole.model)
+    assert (resumed.losses, resumed.tokens, resumed.steps) == (whole.losses, whole.tokens, whole.steps) and resumed.steps == 4
+    assert [p.name for p in folder.iterdir()] == [f"step-{checkpoint:08d}"]  # the last step writes none
+    assert Checkpoints(folder, run="another config").resume({}, None, None) is None
+    assert list(folder.iterdir()) == []  # another run's checkpoints are deleted, not resumed
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from cairn.errors import TrainingDiverged
+    from cairn.models import load_model
+
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, bf16=False)  # 8 examples: 4 steps per epoch
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(TrainingDiverged, match=r"loss nan at step 6 of 8 \(epoch 2 of 2\); the last good checkpoint \(step 4\)") as exc:
+        train(*load_model("tiny-random"), EXAMPLES, cfg, progress=False, checkpoint_dir=folder, checkpoint_every=2, extra_loss=stop_at(6, float("nan")))
+    assert exc.value.exit_code == 6
+    assert [p.name for p in folder.iterdir()] == ["step-00000004"]
+    state = json.loads((folder / "step-00000004" / "state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (0, 4) and len(state["progress"]["losses"]) == 4
+    assert all(torch.isfinite(t).all() for t in load_file(folder / "step-00000004" / "trainable.safetensors").values())

@@ -1,7 +1,7 @@
 """The `cairn` command: parses arguments and calls the library. User errors print one line, no traceback.
 
 Exit codes: 0 success; 2 usage or general error; 3 bad data; 4 bad config or option;
-5 model cannot be loaded; 130 interrupted.
+5 model cannot be loaded; 6 training diverged (`cairn run`: after writing the report); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +12,19 @@ import os
 import sys
 from pathlib import Path
 
-from cairn.errors import CairnError
+from cairn.errors import CairnError, ConfigError, DataError
+
+# Characters that end a line for str.splitlines: escaped in error messages, which are one line.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _one_line(message: str) -> str:
+    return message.translate(_LINE_BREAKS)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        super().error(_one_line(message))  # arguments are quoted raw in some of argparse's messages
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +33,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cairn", description="Add knowledge to an LLM contribution by contribution, and measure what it keeps.")
+    parser = _ArgumentParser(prog="cairn", description="Add knowledge to an LLM contribution by contribution, and measure what it keeps.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a LoRA adapter or a full fine-tune on one task")
@@ -99,6 +111,10 @@ def _cmd_train(args) -> None:
     from cairn.training import train_contribution
 
     task = load_task(args.task, metric=args.metric)
+    if not task.train:
+        raise DataError(f"task {task.name} has no 'train' examples")  # checked before loading the model
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be between 0 and {2**32 - 1} (it seeds NumPy), got {args.seed}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
     cfg = _train_config(method=args.method, **{k: v for k, v in overrides.items() if v is not None})
     manifest = train_contribution(args.base, task, cfg, args.out)
@@ -126,12 +142,23 @@ def _train_config(**values):
         raise config_error(exc, "invalid training option") from None
 
 
+def _at_least(minimum: int, **values) -> None:
+    """Refuse a numeric option below `minimum` (given as `option_name=value`)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            flag = f"-{name}" if len(name) == 1 else f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+
+
 def _cmd_eval(args) -> None:
     from cairn.data import load_task
     from cairn.evaluation import evaluate_task
     from cairn.models import load_model
     from cairn.store import atomic_write_json
 
+    _at_least(1, batch_size=args.batch_size)
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; give the path of a file to write")
     task = load_task(args.task, metric=args.metric)
     if not task.split(args.split):
         raise CairnError(f"task {task.name} has no {args.split!r} examples")
@@ -139,13 +166,17 @@ def _cmd_eval(args) -> None:
     result = evaluate_task(model, tokenizer, task, split=args.split, batch_size=args.batch_size, progress=True)
     print(f"{task.name} {args.split} {task.metric}: {result.score:.4f} (n={result.n})")
     if args.json:
-        atomic_write_json(args.json, result.to_dict())
+        try:
+            atomic_write_json(args.json, result.to_dict())
+        except OSError as exc:
+            raise CairnError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from exc
 
 
 def _cmd_generate(args) -> None:
     from cairn.evaluation import generate
     from cairn.models import load_model
 
+    _at_least(1, max_new_tokens=args.max_new_tokens)
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
     print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
 
@@ -171,6 +202,7 @@ def _cmd_merge(args) -> None:
         raise ConfigError(f"--{unused[0]} does not apply to {args.method}; it reads: {', '.join(sorted(METHODS[args.method].uses)) or 'no parameters'}")
     if args.as_adapter != (args.rank is not None):
         raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
+    _at_least(1, rank=args.rank)
     try:
         opts = MergeOptions(method=args.method, normalize=args.normalize, **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -220,6 +252,11 @@ def _cmd_run(args) -> None:
     write_report(results, out)
     _print_summary(results)
     print(f"report: {out / 'report.html'}")
+    diverged = [name for name, s in results["strategies"].items() if s.get("diverged")]
+    if diverged:
+        from cairn.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"training diverged in {', '.join(diverged)} (see {out / 'summary.md'}); the other strategies' results are complete")
 
 
 def _cmd_report(args) -> None:
@@ -293,6 +330,7 @@ def _cmd_data(args) -> None:
         return
     from cairn.data import SPLITS, load_task
 
+    _at_least(0, n=args.n)
     task = load_task(args.source, metric=args.metric)
     console.print(f"[bold]{task.name}[/bold]  metric: {task.metric}  data hash: {task.data_hash()[:12]}")
     table = Table("split", "examples", "mean prompt chars", "mean answer chars")
@@ -319,12 +357,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage and the problem (2), or the help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         COMMANDS[args.command](args)
     except CairnError as exc:
-        print(f"cairn {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cairn {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cairn: interrupted", file=sys.stderr)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -13,6 +13,10 @@ from cairn.errors import ConfigError
 from cairn.models import DEFAULT_BASE
 from cairn.training import TrainConfig
 from cairn.validation import Strict, config_error
+
+
+# A run's seed seeds Python, NumPy and torch; NumPy takes 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class TaskSpec(Strict):
@@ -61,7 +65,7 @@ class StrategySpec(BaseModel):
         from cairn.strategies import STRATEGIES
 
         try:
-            self.options = STRATEGIES[self.kind].options(**self.options).model_dump()
+            self.options = STRATEGIES[self.kind].options.model_validate(self.options).model_dump()
         except ValidationError as exc:
             allowed = ", ".join(["name", "kind", "train", *STRATEGIES[self.kind].options.model_fields])
             raise ValueError(f"{config_error(exc, f'strategy {self.name!r} ({self.kind})')} (keys allowed: {allowed})") from None
@@ -84,7 +88,7 @@ class ExperimentConfig(Strict):
     setting: Literal["semi", "full"] = "full"
     train: dict = Field(default_factory=dict)
     strategies: list[StrategySpec] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     out: str | None = None
 
     @model_validator(mode="after")
@@ -109,7 +113,7 @@ class ExperimentConfig(Strict):
         """The experiment's training defaults, overridden by the strategy's, with the run's seed."""
         merged = {**self.train, **strategy.train, "seed": seed}
         try:
-            return TrainConfig(**merged)
+            return TrainConfig.model_validate(merged)
         except ValidationError as exc:
             raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
 
@@ -137,7 +141,7 @@ def parse_config(data, where: str = "config") -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (name, base, tasks, strategies, ...), got {type(data).__name__}")
     try:
-        return ExperimentConfig(**data)
+        return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise config_error(exc, where) from None
 
@@ -155,6 +159,15 @@ def load_config(path: str | Path) -> ExperimentConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # PyYAML's constructors raise these for a value it cannot build as the date, number or
+        # !!type it looks like or is tagged with: 2001-13-01, `!!int ''`, `!!bool maybe`, `!!timestamp x`
+        raise ConfigError(
+            f"{path}: not valid YAML (a value cannot be read as the date, number or !!type it looks like or is tagged with: "
+            f"{type(exc).__name__}: {exc}); quote it to keep it a string"
+        ) from exc
     return parse_config(data, str(path))
 
 

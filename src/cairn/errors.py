@@ -1,4 +1,8 @@
-"""Errors a user can fix. The CLI prints them without a traceback and exits with their code."""
+"""Errors a user can fix. The CLI prints them without a traceback and exits with their code.
+
+Exit codes: 2 any other Cairn error, 3 data, 4 config, 5 model, 6 training diverged (a NaN or
+infinite loss; the last good checkpoint is kept).
+"""
 
 
 class CairnError(Exception):
@@ -23,3 +27,9 @@ class ModelError(CairnError):
     """A model spec cannot be resolved or its weights cannot be loaded."""
 
     exit_code = 5
+
+
+class TrainingDiverged(CairnError):
+    """Training produced a NaN or infinite loss; the message names the step, epoch and loss value."""
+
+    exit_code = 6

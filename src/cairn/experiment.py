@@ -2,7 +2,9 @@
 
 Shared work is done once: a contribution is keyed by the content hash of (start model, task data,
 training config), an evaluation by (model, task data, metric, split). Both are kept under
-`OUT/cache/`, so rerunning after an interruption redoes only what had not finished.
+`OUT/cache/`, so rerunning after an interruption redoes only what had not finished; a stage
+interrupted mid-training resumes from its checkpoint under `OUT/cache/checkpoints/`. A strategy
+whose training diverges is recorded as such (with the stages it finished) and the others go on.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
 from cairn.config import ExperimentConfig
 from cairn.data.task import Task
+from cairn.errors import TrainingDiverged
 from cairn.evaluation import EvalResult, evaluate_task
 from cairn.evaluation.scores import summarize
 from cairn.models import fingerprint, load_model
@@ -53,6 +58,17 @@ class Workspace:
         """The cache folder for a piece of work of `kind` identified by `parts` (hashed)."""
         return self.root / kind / _key(*parts)
 
+    def checkpoints(self, folder: Path) -> Path:
+        """Where the training of the contribution (or other work) at `folder` checkpoints itself."""
+        return self.root / "checkpoints" / folder.name
+
+    def drop_checkpoints(self) -> None:
+        """Delete the checkpoints of the work this run has finished; a stage that diverged keeps its
+        last good checkpoint (it has no manifest)."""
+        for folder in self.used:
+            if read_manifest(folder) is not None:
+                shutil.rmtree(self.checkpoints(folder), ignore_errors=True)
+
     def _contribution_folder(self, start: str, task: Task, cfg: TrainConfig) -> Path:
         bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
         return self.folder("contributions", start, task.data_hash(), cfg.model_dump(), bf16)
@@ -77,7 +93,9 @@ class Workspace:
         folder = self._contribution_folder(start, task, cfg)
         self.used.append(folder)
         if read_manifest(folder) is None:
-            result = train(model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}")
+            result = train(
+                model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=self.checkpoints(folder)
+            )
             save_contribution(result, self.tokenizer, task, cfg, folder, base=self.base, base_fingerprint=start)
             return result.model
         if cfg.method == "fft":
@@ -115,6 +133,14 @@ def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None) 
     return row, g
 
 
+def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
+    """The models `stages` yields, ending quietly when training diverges; `failure["message"]` says why."""
+    try:
+        yield from stages
+    except TrainingDiverged as exc:
+        failure["message"] = str(exc)
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: bool = True, log=print) -> dict:
     """Run every strategy for every seed; write per-stage rows and return the results dict."""
     out = Path(out or cfg.out_dir())
@@ -136,7 +162,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
             stream = ((v, views[:i]) for i, v in enumerate(views)) if strategy.needs_history else iter(views)
             stages = strategy.fn(copy.deepcopy(base), stream, spec.typed_options(), train_cfg, work)
-            for s, model in enumerate(tqdm(stages, total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
+            model, failure = None, {}
+            for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
                 if not strategy.needs_history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
                 row, g = _score_stage(work, model, tasks, probe)
@@ -146,15 +173,16 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                 work.notes.clear()
                 atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **notes[-1]})
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
+                work.drop_checkpoints()
             del model, stages
-            avg, final = summarize(R, G if probe else [])
-            runs.setdefault(spec.name, {})[seed] = {
-                "R": R,
-                "G": G if probe else None,
-                "summary": avg,
-                "final": final,
-                "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)},
-            }
+            run = {"R": R, "G": G if probe else None, "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)}}
+            if failure:  # no summary: the stages after the divergence were never trained
+                run.update(summary=None, final=None, diverged={"stage": len(R), "message": failure["message"]})
+                work.notes.clear()
+                log(f"{spec.name} seed {seed} diverged at stage {len(R)}: {failure['message']}")
+            else:
+                run["summary"], run["final"] = summarize(R, G if probe else [])
+            runs.setdefault(spec.name, {})[seed] = run
             if any(notes):
                 runs[spec.name][seed]["stages"] = notes
     from cairn.report import build_results

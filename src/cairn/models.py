@@ -52,7 +52,10 @@ class ModelSpec:
             return cls("bundled", name)
         if spec == "tiny-random":
             return cls("tiny-random", spec)
-        path = Path(spec).expanduser()
+        try:
+            path = Path(spec).expanduser()
+        except RuntimeError as exc:  # "~user/..." for a user that does not exist
+            raise ModelError(f"model spec {spec!r}: cannot expand the home folder ({exc})") from exc
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelError(f"GGUF file not found: {path}")

@@ -19,25 +19,34 @@ def _mean_matrix(ms: list[list[list[float]]]) -> list[list[float]]:
     return [[sum(m[i][j] for m in ms) / len(ms) for j in range(len(ms[0][i]))] for i in range(len(ms[0]))]
 
 
+def _strategy_entry(by_seed: dict[int, dict]) -> dict:
+    """One strategy's results over its seeds. Seeds whose training diverged are listed under
+    `diverged` and left out of every mean; when all diverged, R and G hold the stages finished by
+    all of them and the summaries are None."""
+    seeds = list(by_seed.values())
+    done = [s for s in seeds if "diverged" not in s]
+    scored = done or seeds
+    depth = min(len(s["R"]) for s in scored)
+    entry = {
+        "R": _mean_matrix([s["R"][:depth] for s in scored]),
+        "G": [sum(g) / len(g) for g in zip(*[s["G"][:depth] for s in scored])] if seeds[0]["G"] else None,
+        "summary": {k: mean_ci([s["summary"][k] for s in done])["mean"] for k in SUMMARY_KEYS},
+        "final": {k: mean_ci([s["final"][k] for s in done])["mean"] for k in SUMMARY_KEYS},
+        "cost": seeds[0]["cost"] if len(seeds) == 1 else {k: mean_ci([s["cost"][k] for s in seeds])["mean"] for k in seeds[0]["cost"]},
+    }
+    if len(seeds) > 1:
+        entry["seeds"] = {str(seed): run for seed, run in by_seed.items()}
+        entry["aggregate"] = {part: {k: mean_ci([s[part][k] for s in done]) for k in SUMMARY_KEYS} for part in ("summary", "final")}
+    diverged = {str(seed): run["diverged"] for seed, run in by_seed.items() if "diverged" in run}
+    if diverged:
+        entry["diverged"] = diverged
+    return entry
+
+
 def build_results(cfg, task_names: list[str], runs: dict[str, dict[int, dict]]) -> dict:
     """The versioned results dict: per strategy, seed-mean R and G, summaries and costs; with
     several seeds also every seed's values and the mean with a 95% confidence interval."""
-    strategies = {}
-    for name, by_seed in runs.items():
-        seeds = list(by_seed.values())
-        entry = {
-            "R": _mean_matrix([s["R"] for s in seeds]),
-            "G": [sum(g) / len(g) for g in zip(*[s["G"] for s in seeds])] if seeds[0]["G"] else None,
-            "summary": {k: mean_ci([s["summary"][k] for s in seeds])["mean"] for k in SUMMARY_KEYS},
-            "final": {k: mean_ci([s["final"][k] for s in seeds])["mean"] for k in SUMMARY_KEYS},
-            "cost": seeds[0]["cost"] if len(seeds) == 1 else {k: mean_ci([s["cost"][k] for s in seeds])["mean"] for k in seeds[0]["cost"]},
-        }
-        if len(seeds) > 1:
-            entry["seeds"] = {str(seed): run for seed, run in by_seed.items()}
-            entry["aggregate"] = {
-                part: {k: mean_ci([s[part][k] for s in seeds]) for k in SUMMARY_KEYS} for part in ("summary", "final")
-            }
-        strategies[name] = entry
+    strategies = {name: _strategy_entry(by_seed) for name, by_seed in runs.items()}
     return {"schema": SCHEMA, "config": cfg.model_dump(mode="json"), "tasks": task_names, "seeds": list(cfg.seeds), "strategies": strategies}
 
 
@@ -47,14 +56,34 @@ def _fmt(x, ci=None) -> str:
     return f"{x:+.3f}" if ci is None else f"{x:+.3f} ± {ci:.3f}"
 
 
+def all_diverged(results: dict, name: str) -> bool:
+    """True when every seed of strategy `name` diverged, so it has no summary."""
+    return len(results["strategies"][name].get("diverged", {})) == len(results["seeds"])
+
+
+def divergence_note(results: dict, name: str) -> str:
+    """'diverged at stage 2' (one seed), 'seed 1 diverged at stage 2' (several), or ''."""
+    diverged = results["strategies"][name].get("diverged", {})
+    if len(results["seeds"]) == 1:
+        return "".join(f"diverged at stage {d['stage']}" for d in diverged.values())
+    return ", ".join(f"seed {seed} diverged at stage {d['stage']}" for seed, d in diverged.items())
+
+
 def summary_rows(results: dict, part: str = "summary") -> list[list[str]]:
-    """One row per strategy: the headline metrics (mean ± CI with seeds), then cost."""
+    """One row per strategy: the headline metrics (mean ± CI with seeds), then cost. A strategy
+    whose every seed diverged shows where instead of metrics; diverged seeds are named beside the
+    strategy and left out of its means."""
     rows = []
     for name, s in results["strategies"].items():
         agg = s.get("aggregate", {}).get(part)
         cells = [_fmt(agg[k]["mean"], agg[k]["ci95"]) if agg else _fmt(s[part][k]) for k in HEADLINE]
+        label, note = name, divergence_note(results, name)
+        if all_diverged(results, name):
+            cells = [note] + [""] * (len(HEADLINE) - 1)
+        elif note:
+            label = f"{name} ({note}; mean of the other seeds)"
         c = s["cost"]
-        rows.append([name, *cells, f"{c['train_wall_s']:.0f}", f"{c['tokens']:.0f}", f"{c['trainable_params']:.3g}", f"{c['peak_mem_mb']:.0f}", f"{c['disk_mb']:.0f}"])
+        rows.append([label, *cells, f"{c['train_wall_s']:.0f}", f"{c['tokens']:.0f}", f"{c['trainable_params']:.3g}", f"{c['peak_mem_mb']:.0f}", f"{c['disk_mb']:.0f}"])
     return rows
 
 
@@ -66,6 +95,11 @@ def _markdown(results: dict) -> str:
     for part, title in (("summary", "Averaged over stages"), ("final", "At the last stage")):
         out += [f"## {title}", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
         out += ["| " + " | ".join(r) + " |" for r in summary_rows(results, part)]
+        out.append("")
+    diverged = [(name, seed, d) for name, s in results["strategies"].items() for seed, d in s.get("diverged", {}).items()]
+    if diverged:
+        out += ["## Diverged", "", "Training hit a NaN or infinite loss; these runs are left out of the tables' metrics.", ""]
+        out += [f"- {name}, seed {seed}, stage {d['stage']}: {d['message']}" for name, seed, d in diverged]
         out.append("")
     out += ["new = R[s][s]; retained = mean over j<s of R[s][j]; old_change = G[s] − G[0]; op = mean over j≤s of R[s][j];",
             "bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s]. Cost: training time, tokens, trainable",
@@ -101,7 +135,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(name)
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-        ax.set_yticks(range(len(R)), ["base"] + [f"after {t}" for t in tasks] if k == 0 else [])
+        ax.set_yticks(range(len(R)), (["base"] + [f"after {t}" for t in tasks])[: len(R)] if k == 0 else [])
         for i, row in enumerate(R):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
@@ -129,7 +163,8 @@ def _plots(results: dict, out: Path) -> list[str]:
     files.append(_save(fig, out / "knowledge_per_stage.png"))
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(HEADLINE)), 3.8))
-    width = 0.8 / len(names)
+    names = [name for name in names if not all_diverged(results, name)]  # no summary to draw
+    width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         s = results["strategies"][name]
         agg = s.get("aggregate", {}).get("final")
@@ -198,6 +233,8 @@ def load_results(out: Path) -> dict:
         raise DataError(f"{path}: cannot read ({exc.strerror}); run `cairn run` first") from exc
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(results, dict):
+        raise DataError(f"{path}: expected a JSON object with the results, got {type(results).__name__}")
     if results.get("schema") != SCHEMA:
         raise DataError(f"{path}: results schema {results.get('schema')!r}, this Cairn reads schema {SCHEMA}")
     return results

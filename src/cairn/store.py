@@ -110,16 +110,23 @@ def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        from cairn.errors import DataError
+    from cairn.errors import DataError
 
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
+    except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object (a Cairn manifest), got {type(manifest).__name__}")
+    return manifest
 
 
 def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
     """Problems found comparing a folder's files with the sha256 its manifest recorded."""
+    if not (isinstance(expected, dict) and all(isinstance(d, str) for d in expected.values())):
+        return [f"{MANIFEST}: 'files' is not a mapping of file name to sha256"]
     actual = file_hashes(folder)
     problems = [f"{name}: missing" for name in expected if name not in actual]
     problems += [f"{name}: sha256 {actual[name][:12]} != recorded {digest[:12]} (modified or corrupt)"
@@ -137,6 +144,7 @@ class Store:
     """
 
     ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}"
+    _ENTRY_FIELDS = ("id", "task", "method", "base_fingerprint", "digest")
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -149,10 +157,24 @@ class Store:
         return FileLock(str(self.root / ".lock"), timeout=120)
 
     def _index(self) -> dict:
+        from cairn.errors import DataError
+
         path = self.root / "index.json"
         if not path.is_file():
             return {"schema": 1, "entries": {}}
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read the store index ({exc})") from exc
+        entries = index.get("entries") if isinstance(index, dict) else None
+        if not isinstance(entries, dict) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in self._ENTRY_FIELDS) for e in entries.values()
+        ):
+            raise DataError(
+                f"{path}: damaged store index (expected {{\"entries\": {{ID: {{{', '.join(self._ENTRY_FIELDS)}, ...}}}}}}); "
+                "restore it, or move the store aside and add its contributions again"
+            )
+        return index
 
     def _check_id(self, cid: str) -> str:
         import re
@@ -174,12 +196,17 @@ class Store:
         for key in ("base_fingerprint", "task", "method", "files"):
             if key not in manifest:
                 raise DataError(f"{path}/{MANIFEST}: missing field {key!r}")
+            if key != "files" and not isinstance(manifest[key], str):
+                raise DataError(f"{path}/{MANIFEST}: field {key!r} must be a string, got {type(manifest[key]).__name__}")
         problems = verify_files(path, manifest["files"])
         if problems:
             raise DataError(f"{path}: files do not match {MANIFEST}: " + "; ".join(problems))
         digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
         cid = self._check_id(name if name is not None else f"{manifest['task']}-{manifest['method']}-{digest[:10]}".replace("/", "_").replace(":", "_"))
-        self.items.mkdir(parents=True, exist_ok=True)
+        try:
+            self.items.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"{self.root}: cannot create the store there ({exc.strerror})") from exc
         check_free_space(self.items, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), f"contribution {cid!r}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", suffix=".tmp", dir=self.items))
         try:
@@ -228,7 +255,7 @@ class Store:
         for i in ids:
             folder = self.path(i)
             manifest = read_manifest(folder) if folder.is_dir() else None
-            report[i] = ["folder or manifest missing"] if manifest is None else verify_files(folder, manifest["files"])
+            report[i] = ["folder or manifest missing"] if manifest is None else verify_files(folder, manifest.get("files"))
         return report
 
     def resolve(self, cid: str, base_fingerprint: str | None = None) -> Path:
@@ -238,10 +265,10 @@ class Store:
         problems = self.verify(cid)[cid]
         if problems:
             raise DataError(f"contribution {cid!r} failed verification: " + "; ".join(problems))
-        manifest = self.show(cid)
-        if base_fingerprint and manifest["base_fingerprint"] != base_fingerprint:
+        recorded = str(self.show(cid).get("base_fingerprint"))
+        if base_fingerprint and recorded != base_fingerprint:
             raise ModelError(
-                f"contribution {cid!r} was made on a base with fingerprint {manifest['base_fingerprint'][:12]}, "
+                f"contribution {cid!r} was made on a base with fingerprint {recorded[:12]}, "
                 f"not on this base ({base_fingerprint[:12]})"
             )
         return self.path(cid)

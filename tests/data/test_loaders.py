@@ -144,3 +144,41 @@ def test_pack_options_set_size_and_seed():
         load_task("pack:people?size=3")
     with pytest.raises(DataError, match="option 'facts' must be an integer"):
         load_task("pack:people?facts=many")
+
+
+@pytest.mark.parametrize("suffix, text, message", [
+    (".jsonl", '{"prompt": "p", "answer": "a"}\n' + "[" * 5000 + "]" * 5000 + "\n", r"task\.jsonl:2: not valid JSON \(nested too deeply\)"),
+    (".json", "[" * 5000 + "]" * 5000, r"task\.json: not valid JSON \(nested too deeply\)"),
+    (".jsonl", '{"prompt": "p", "answer": ' + "9" * 5000 + "}\n", r"task\.jsonl:1: not valid JSON \(an integer with more than \d+ digits\)"),
+])
+def test_too_deep_or_too_long_json_is_a_data_error(tmp_path, suffix, text, message):
+    path = tmp_path / f"task{suffix}"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_task(str(path))
+
+
+def test_raw_line_separators_inside_strings_do_not_split_records(tmp_path):
+    path = tmp_path / "task.jsonl"
+    records = [{"prompt": f"a\u2028b\x85c {i}", "answer": "d\u2029e"} for i in range(10)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    task = load_task(str(path))
+    assert sorted(e.prompt for s in task.splits.values() for e in s) == sorted(r["prompt"] for r in records)
+
+
+def test_unpaired_surrogate_escape_is_refused(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "x\\ud800", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"task\.jsonl line 2: field 'prompt' is not valid Unicode \(unpaired surrogate '\\ud800' at character 1\)"):
+        load_task(str(path))
+
+
+def test_unknown_user_in_a_home_path_is_a_data_error():
+    with pytest.raises(DataError, match="task source not found: ~no-such-user-cairn/t.jsonl"):
+        load_task("~no-such-user-cairn/t.jsonl")
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "--3", "9" * 5000])
+def test_pack_options_take_plain_integers_only(value):
+    with pytest.raises(DataError, match="option 'facts' must be an integer"):
+        load_task(f"pack:people?facts={value}")

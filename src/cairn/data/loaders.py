@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from cairn.data.task import METRICS, SPLITS, Example, Task
@@ -40,7 +41,10 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
 
         task = load_probe(source.split(":", 1)[1])
     else:
-        path = Path(source).expanduser()
+        try:
+            path = Path(source).expanduser()
+        except RuntimeError as exc:  # `~user` for a user who does not exist
+            raise DataError(f"task source not found: {source} ({exc})") from exc
         if not path.exists():
             raise DataError(f"task source not found: {source} (expected a .json/.jsonl file, a folder, pack:NAME or probe:NAME)")
         if path.is_dir():
@@ -67,8 +71,9 @@ def _load_pack(source: str) -> Task:
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in ("facts", "seed"):
             raise DataError(f"{source}: unknown pack option {key!r}; allowed: facts, seed")
-        if not value.lstrip("-").isdigit():
-            raise DataError(f"{source}: option {key!r} must be an integer, got {value!r}")
+        digits = value.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+            raise DataError(f"{source}: option {key!r} must be an integer (at most 18 digits), got {value!r}")
         options[key] = int(value)
     task = make_pack(name, options.get("facts", 50), options.get("seed", 0))
     if query:
@@ -134,6 +139,8 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
             # A .json file holding one object per line is JSONL in disguise: read it by lines.
             if exc.msg != "Extra data":
                 raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}: not valid JSON ({_json_problem(exc)})") from exc
         else:
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} objects, got {type(data).__name__}")
@@ -141,14 +148,26 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
                 raise DataError(f"{path}: empty list; expected records with 'prompt' and 'answer'")
             return [(f"record {i}", r) for i, r in enumerate(data)]
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Split on newlines only: JSON strings may hold other line breaks (U+2028, U+0085) raw.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             records.append((f"line {lineno}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({_json_problem(exc)})") from exc
     return records
+
+
+def _json_problem(exc: Exception) -> str:
+    """Why `json.loads` failed without a JSONDecodeError: nesting too deep, or a huge integer."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if "Exceeds the limit" in str(exc):
+        return f"an integer with more than {sys.get_int_max_str_digits()} digits"
+    return str(exc)
 
 
 def _example(record, where: str) -> Example:
@@ -163,6 +182,12 @@ def _example(record, where: str) -> Example:
             raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise DataError(f"{where}: field {key!r} is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a JSON escape like "\ud800" that decodes to half a character
+            raise DataError(
+                f"{where}: field {key!r} is not valid Unicode (unpaired surrogate {value[exc.start]!r} at character {exc.start})"
+            ) from exc
         values[key] = value
     return Example(values["prompt"], values["answer"])
 

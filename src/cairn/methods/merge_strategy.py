@@ -23,6 +23,5 @@ def merge(model, stream, opts: MergeOptions, cfg, work) -> Iterator:
         contributions.append(work.contribution(model, task, cfg))
         out = work.folder("merges", [c.name for c in contributions], opts.model_dump())
         if read_manifest(out) is None:
-            stats = merge_models(base_dir, contributions, out, opts, progress=work.progress)
-            work.note(merge_wall_s=stats["wall_s"])
+            merge_models(base_dir, contributions, out, opts, progress=work.progress)
         yield AutoModelForCausalLM.from_pretrained(out).eval()

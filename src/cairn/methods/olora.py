@@ -134,6 +134,7 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterato
                 trainable=lambda name: f".{NEW}." in name,  # earlier stages stay frozen
                 progress=work.progress,
                 desc=f"olora on {task.name}",
+                checkpoint_dir=work.checkpoints(folder),
             )
             result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
             save_contribution(result, work.tokenizer, task, cfg, folder, base=work.base, base_fingerprint=base_fp)
