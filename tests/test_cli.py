@@ -105,3 +105,8 @@ def test_an_error_naming_a_path_with_a_line_break_stays_one_line(capsys, tmp_pat
 def test_report_on_a_results_file_that_is_not_an_object(capsys, tmp_path):
     (tmp_path / "results.json").write_text("[]")
     assert main(["report", str(tmp_path)]) == 3
+
+
+def test_run_resume_needs_a_run_to_continue(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "holds no interrupted run" in capsys.readouterr().err

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an experiment: strategies x seeds over a task stream, then report")
     p.add_argument("config", nargs="?", type=Path, help="experiment YAML (default: the built-in quickstart)")
     p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (refused if the run folder holds none); a plain rerun resumes too")
 
     p = sub.add_parser("report", help="re-render the report of a run folder from its results.json")
     p.add_argument("dir", type=Path)
@@ -246,6 +248,8 @@ def _cmd_run(args) -> None:
 
     cfg = load_config(args.config) if args.config else quickstart()
     out = args.out or cfg.out_dir()
+    if args.resume and not (out / "cache").is_dir():
+        raise CairnError(f"--resume: {out} holds no interrupted run (no cache/); drop --resume to start one")
     from tqdm.auto import tqdm
 
     results = run_experiment(cfg, out, log=tqdm.write)
