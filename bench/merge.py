@@ -67,6 +67,9 @@ def compare(a: Path, b: Path, ties_inputs: tuple[Path, list[Path], float] | None
     from cairn.tensor_files import FolderWeights
 
     fa, fb = FolderWeights(a), FolderWeights(b)
+    if ties_inputs:
+        base_dir, inputs, density = ties_inputs
+        base_w, input_ws = FolderWeights(base_dir), [FolderWeights(f) for f in inputs]
     worst, off, total, unexplained = 0.0, 0, 0, 0
     for name in fa.keys():
         d = (fa.get(name).float() - fb.get(name).float()).abs()
@@ -75,11 +78,10 @@ def compare(a: Path, b: Path, ties_inputs: tuple[Path, list[Path], float] | None
         off += int(bad.sum())
         total += d.numel()
         if ties_inputs and bad.any():
-            base_dir, inputs, density = ties_inputs
-            base = FolderWeights(base_dir).get(name)
+            base = base_w.get(name)
             tied = torch.zeros_like(bad)
-            for folder in inputs:
-                theta = FolderWeights(folder).get(name)
+            for weights in input_ws:
+                theta = weights.get(name)
                 t, _ = magnitude_threshold(base, theta, density)
                 tied |= (theta.float() - base.float()).abs().reshape(-1) == t
             unexplained += int((bad & ~tied).sum())

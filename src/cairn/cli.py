@@ -27,6 +27,19 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().error(_one_line(message))  # arguments are quoted raw in some of argparse's messages
 
 
+class _MergeMethods:
+    """`cairn merge --method` choices, read from the registry only when checked or shown: importing
+    it imports torch, which the other commands (and `--help`) should not wait for."""
+
+    def __iter__(self):
+        from cairn.methods.merging import METHODS
+
+        return iter(METHODS)
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
     p.add_argument("--metric", choices=["exact", "choice", "rouge_l", "edit_sim", "sari"], help="override the task's metric")
@@ -63,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
 
     p = sub.add_parser("merge", help="merge fine-tunes and/or LoRA adapters of one base into one model")
-    p.add_argument("--method", required=True, choices=list(_merge_methods()))
+    p.add_argument("--method", required=True, choices=_MergeMethods(), metavar="METHOD", help="one of: %(choices)s")
     p.add_argument("--base", required=True, help="base model spec (the model every input was fine-tuned from)")
     p.add_argument("--inputs", required=True, nargs="+", help="HF model folders, PEFT adapter folders, or IDs in --store")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per input (default: 1 each)")
@@ -181,12 +194,6 @@ def _cmd_generate(args) -> None:
     _at_least(1, max_new_tokens=args.max_new_tokens)
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
     print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
-
-
-def _merge_methods():
-    from cairn.methods.merging import METHODS
-
-    return METHODS
 
 
 def _cmd_merge(args) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cairn.errors import ModelError
 from cairn.methods.merging import MergeOptions, merge_tensor
-from cairn.store import atomic_dir, file_hashes, read_manifest, write_manifest
+from cairn.store import atomic_dir, file_hashes, write_manifest
 from cairn.tensor_files import FolderWeights, SafetensorsWriter
 
 _WEIGHT_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|cairn\.json)$")
@@ -59,9 +59,6 @@ class AdapterWeights:
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
             scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
             self.deltas[name] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
-
-    def keys(self) -> list[str]:
-        return self.base.keys()
 
     def delta(self, name: str) -> torch.Tensor | None:
         if name not in self.deltas:
