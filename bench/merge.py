@@ -1,5 +1,5 @@
 """Merge 4 full fine-tunes of the bundled 135M model with Cairn and with mergekit; print the
-wall time and peak memory of each (a separate process each, peak RSS from wait4), their ratios,
+wall time and peak memory of each (a separate process each, peak RSS from wait4 in a small launcher), their ratios,
 and how far the two tools' outputs are apart.
 
     make bench-merge           # creates bench/.mergekit-venv (mergekit from PyPI) and runs this
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +47,27 @@ def fine_tunes(work: Path) -> tuple[Path, list[Path]]:
     return Path(resolve_folder(DEFAULT_BASE)), out
 
 
+# Linux counts a spawned child's peak RSS from its parent's peak (the child starts as the parent's
+# copy), so this process, which holds whole models while comparing, would inflate every figure.
+# A small launcher process forks the command and reports the command's own peak.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measure(cmd: list[str], env=None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of a command run as a child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 2**20
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 2**20
 
 
 def compare(a: Path, b: Path, ties_inputs: tuple[Path, list[Path], float] | None = None) -> tuple[float, float, int]:
@@ -72,18 +84,18 @@ def compare(a: Path, b: Path, ties_inputs: tuple[Path, list[Path], float] | None
         base_w, input_ws = FolderWeights(base_dir), [FolderWeights(f) for f in inputs]
     worst, off, total, unexplained = 0.0, 0, 0, 0
     for name in fa.keys():
-        d = (fa.get(name).float() - fb.get(name).float()).abs()
+        d = np.abs(fa.get(name).astype(np.float32) - fb.get(name).astype(np.float32))
         worst = max(worst, float(d.max()))
         bad = d.reshape(-1) > 1e-6
         off += int(bad.sum())
-        total += d.numel()
+        total += d.size
         if ties_inputs and bad.any():
             base = base_w.get(name)
-            tied = torch.zeros_like(bad)
+            tied = np.zeros_like(bad)
             for weights in input_ws:
                 theta = weights.get(name)
                 t, _ = magnitude_threshold(base, theta, density)
-                tied |= (theta.float() - base.float()).abs().reshape(-1) == t
+                tied |= np.abs(theta.astype(np.float32) - base.astype(np.float32)).reshape(-1) == t
             unexplained += int((bad & ~tied).sum())
     return worst, off / total, unexplained
 

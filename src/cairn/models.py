@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from platformdirs import user_cache_dir
 
 from cairn.errors import ModelError
@@ -99,6 +98,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors HF folder at `out` (cached)."""
     if (out / "config.json").is_file():
         return out
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name}
@@ -139,6 +139,7 @@ def _tiny_random_folder() -> Path:
     out = cache_dir() / "models" / f"tiny-random-v{_CACHE_VERSION}"
     if (out / "config.json").is_file():
         return out
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_folder(ModelSpec("bundled", "smollm2-135m")))
@@ -178,6 +179,8 @@ def load_model(spec: str | ModelSpec, *, allow_pickle: bool = False):
 
     The returned model carries `cairn_base` (the base spec string) and `cairn_fingerprint`.
     """
+    import torch
+
     from transformers import AutoModelForCausalLM
 
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
@@ -243,6 +246,8 @@ def adapter_base(path: Path) -> str:
 
 def fingerprint(model) -> str:
     """sha256 over the model config and every weight (name, dtype, shape, bytes)."""
+    import torch
+
     config = model.config.to_dict()
     keep = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())

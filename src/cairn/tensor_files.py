@@ -7,28 +7,53 @@ until the file is closed, so merging five 0.5 GB models peaks near 2.7 GB; and `
 every output tensor in memory at once. Here each tensor is a view of a private memory map whose
 pages are released (`madvise(MADV_DONTNEED)`) once the tensor is used, and the writer lays out
 the header first and then appends tensors as they are computed.
+
+Tensors are numpy arrays, so a merge needs no torch (whose import alone is a second of a
+command-line merge). bfloat16, which numpy lacks, is read as float32 (exact: its bits are
+float32's top half) and written back rounded to nearest even, as torch rounds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from cairn.errors import ModelError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+# safetensors dtype -> how its bytes are stored in numpy (bfloat16 as its raw 16 bits)
+STORAGE = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
-NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) as float32 values: the bits are float32's upper half."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_storage(array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` as safetensors `dtype` stores it; floats to bfloat16 round to nearest even."""
+    if dtype != "BF16":
+        return array.astype(STORAGE[dtype], copy=False)
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
+
+
+def stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` rounded to `dtype` and read back: the values a file of that dtype would hold."""
+    raw = to_storage(array, dtype)
+    return bf16_to_float32(raw) if dtype == "BF16" else raw
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -56,26 +81,28 @@ class SafetensorsReader:
         self.header, self._data = read_header(self.path)
         size = self.path.stat().st_size
         for name, entry in self.header.items():
-            if entry.get("dtype") not in DTYPES:
+            if entry.get("dtype") not in STORAGE:
                 raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
             start, end = entry["data_offsets"]
             if self._data + end > size:
                 raise ModelError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)")
         with open(self.path, "rb") as f:
-            # A private (copy-on-write) map: writable views for torch, never written back to the file.
+            # A private (copy-on-write) map: writable views, never written back to the file.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
         return list(self.header)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as an array (a view of the file; bfloat16 comes as a float32 copy)."""
         entry = self.header[name]
         start, end = entry["data_offsets"]
-        dtype = DTYPES[entry["dtype"]]
+        storage = np.dtype(STORAGE[entry["dtype"]])
         if end == start:
-            return torch.empty(entry["shape"], dtype=dtype)
-        count = (end - start) // torch.empty((), dtype=dtype).element_size()
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + start).view(entry["shape"])
+            raw = np.empty(entry["shape"], storage)
+        else:
+            raw = np.frombuffer(self._map, storage, (end - start) // storage.itemsize, self._data + start).reshape(entry["shape"])
+        return bf16_to_float32(raw) if entry["dtype"] == "BF16" else raw
 
     def release(self, name: str) -> None:
         """Drop the resident pages of `name`'s bytes (clean file pages: they are re-read if needed)."""
@@ -118,11 +145,12 @@ class FolderWeights:
     def keys(self) -> list[str]:
         return list(self.where)
 
-    def meta(self, name: str) -> tuple[torch.dtype, list[int]]:
+    def meta(self, name: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor."""
         entry = self.readers[self.where[name]].header[name]
-        return DTYPES[entry["dtype"]], entry["shape"]
+        return entry["dtype"], entry["shape"]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         return self.readers[self.where[name]].get(name)
 
     def release(self, name: str) -> None:
@@ -138,17 +166,18 @@ class SafetensorsWriter:
     tensor at a time in that order; the header is written first. Writing and hashing (sha256,
     kept in `digest`) run on a background thread, overlapping the computation of the next tensor."""
 
-    def __init__(self, path: str | Path, specs: list[tuple[str, torch.dtype, list[int]]], metadata: dict | None = None):
+    def __init__(self, path: str | Path, specs: list[tuple[str, str, list[int]]], metadata: dict | None = None):
+        """`specs`: (name, safetensors dtype name, shape) of every tensor, in the order written."""
         header, offset = {}, 0
         for name, dtype, shape in specs:
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            size = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
-        self._order = [(n, DTYPES[header[n]["dtype"]], header[n]["shape"]) for n, _, _ in specs]
+        self._order = [(n, header[n]["dtype"], header[n]["shape"]) for n, _, _ in specs]
         self._next = 0
         self._hash = hashlib.sha256()
         self._file = open(path, "wb")
@@ -166,11 +195,12 @@ class SafetensorsWriter:
         if len(self._pending) > 2:  # at most two tensors wait in memory
             self._pending.pop(0).result()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor, converted to its declared dtype."""
         expected, dtype, shape = self._order[self._next]
-        if name != expected or tensor.dtype != dtype or list(tensor.shape) != list(shape):
-            raise ValueError(f"expected tensor {expected} {dtype} {shape}, got {name} {tensor.dtype} {list(tensor.shape)}")
-        self._put(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        if name != expected or list(array.shape) != list(shape):
+            raise ValueError(f"expected tensor {expected} {dtype} {shape}, got {name} {list(array.shape)}")
+        self._put(memoryview(np.ascontiguousarray(to_storage(array, dtype)).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:

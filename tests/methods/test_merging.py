@@ -2,66 +2,75 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from numpy.testing import assert_allclose
 
 from cairn.cli import main
 from cairn.methods.merge_models import merge_models
 from cairn.methods.merging import MergeOptions, magnitude_mask, magnitude_threshold, merge_tensor
+from cairn.tensor_files import STORAGE, bf16_to_float32, to_storage
 
 
 def inputs(n=3, shape=(6, 5), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    return base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)]
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape, np.float32)
+    return base, [base + np.float32(0.1) * rng.standard_normal(shape, np.float32) for _ in range(n)]
+
+
+def close(actual, expected):
+    assert actual.dtype == np.float32
+    assert_allclose(actual, expected, rtol=1.3e-6, atol=1e-5)
 
 
 def test_average_and_task_arithmetic_match_their_formulas():
     base, ts = inputs()
     w = [0.5, 1.0, 2.0]
     avg = merge_tensor(MergeOptions(method="average"), "p", base, ts, w)
-    torch.testing.assert_close(avg, sum(wi * t for wi, t in zip(w, ts)) / sum(w))
+    close(avg, sum(wi * t for wi, t in zip(w, ts)) / sum(w))
     ta = merge_tensor(MergeOptions(method="task_arithmetic", lambda_=0.7), "p", base, ts, w)
-    torch.testing.assert_close(ta, base + 0.7 * sum(wi * (t - base) for wi, t in zip(w, ts)))
+    close(ta, base + 0.7 * sum(wi * (t - base) for wi, t in zip(w, ts)))
     ta_norm = merge_tensor(MergeOptions(method="task_arithmetic", normalize=True), "p", base, ts, w)
-    torch.testing.assert_close(ta_norm, base + sum(wi * (t - base) for wi, t in zip(w, ts)) / sum(w))
+    close(ta_norm, base + sum(wi * (t - base) for wi, t in zip(w, ts)) / sum(w))
 
 
 def test_ties_matches_an_entrywise_formula():
     base, ts = inputs(n=3, shape=(4, 7), seed=1)
     w, density, lam = [1.0, 2.0, 0.5], 0.4, 1.3
     out = merge_tensor(MergeOptions(method="ties", density=density, lambda_=lam), "p", base, ts, w)
-    k = int(density * base.numel())
+    k = int(density * base.size)
     kept = []
     for t in ts:  # top-k by magnitude, written with a full sort
-        d = (t - base).flatten()
-        keep = torch.zeros_like(d)
-        keep[d.abs().argsort(descending=True)[:k]] = 1
+        d = (t - base).reshape(-1)
+        keep = np.zeros_like(d)
+        keep[np.argsort(-np.abs(d), kind="stable")[:k]] = 1
         kept.append(d * keep)
-    expected = torch.empty(base.numel())
-    for e in range(base.numel()):
-        vals = [wi * kd[e].item() for wi, kd in zip(w, kept)]
+    expected = np.empty(base.size)
+    for e in range(base.size):
+        vals = [wi * float(kd[e]) for wi, kd in zip(w, kept)]
         sign = 1.0 if sum(vals) >= 0 else -1.0
         agree = [(v, wi) for v, wi in zip(vals, w) if v != 0 and (v > 0) == (sign > 0)]
         total = sum(v for v, _ in agree)
         weight = sum(wi for _, wi in agree) or 1.0
-        expected[e] = base.flatten()[e] + lam * total / weight
-    torch.testing.assert_close(out, expected.view_as(base))
+        expected[e] = base.reshape(-1)[e] + lam * total / weight
+    close(out, expected.reshape(base.shape))
 
 
 def test_dare_drops_with_the_density_and_rescales_survivors():
-    base = torch.zeros(200, 200)
-    ts = [torch.ones(200, 200)]
+    base = np.zeros((200, 200), np.float32)
+    ts = [np.ones((200, 200), np.float32)]
     out = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=3), "p", base, ts, [1.0])
     kept = out != 0
-    assert abs(kept.float().mean().item() - 0.25) < 0.01
-    assert torch.all(out[kept] == 4.0)  # 1 / density
+    assert abs(kept.mean() - 0.25) < 0.01
+    assert np.all(out[kept] == 4.0)  # 1 / density
     again = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=3), "p", base, ts, [1.0])
     other = merge_tensor(MergeOptions(method="dare_linear", density=0.25, seed=4), "p", base, ts, [1.0])
-    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert np.array_equal(out, again) and not np.array_equal(out, other)
     # dare_ties: opposite signs at density 1 -> the larger mass wins, the other is not averaged in
-    ties = merge_tensor(MergeOptions(method="dare_ties"), "p", torch.zeros(3), [torch.tensor([1.0, -1, 2]), torch.tensor([-3.0, -2, 1])], [1.0, 1.0])
-    torch.testing.assert_close(ties, torch.tensor([-3.0, -3.0, 3.0]))
+    f = lambda *v: np.array(v, np.float32)  # noqa: E731
+    ties = merge_tensor(MergeOptions(method="dare_ties"), "p", np.zeros(3, np.float32), [f(1, -1, 2), f(-3, -2, 1)], [1.0, 1.0])
+    close(ties, f(-3, -3, 3))
 
 
 def test_lambda_is_accepted_under_its_yaml_name():
@@ -72,26 +81,36 @@ def test_lambda_is_accepted_under_its_yaml_name():
 
 @pytest.mark.parametrize("density", [1e-6, 0.2, 0.5, 0.999999])
 def test_magnitude_threshold_and_count_are_exact_on_large_tensors(density):
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(3_000_000, generator=g)
+    theta = np.random.default_rng(0).standard_normal(3_000_000, np.float32)
     theta[:200_000] = theta[0]  # many exact ties
-    k = max(1, int(density * theta.numel()))
-    t, _ = magnitude_threshold(torch.zeros_like(theta), theta, density)
-    assert t == torch.kthvalue(theta.abs(), theta.numel() - k + 1).values
+    k = max(1, int(density * theta.size))
+    t, _ = magnitude_threshold(np.zeros_like(theta), theta, density)
+    assert t == np.partition(np.abs(theta), theta.size - k)[theta.size - k]
     kept = magnitude_mask(theta, density)
     assert int(kept.sum()) == k
-    assert torch.all(theta.abs()[kept] >= t) and torch.all(theta.abs()[~kept] <= t)
+    assert np.all(np.abs(theta)[kept] >= t) and np.all(np.abs(theta)[~kept] <= t)
 
 
 def test_magnitude_mask_keeps_exactly_k_with_ties_to_lower_indices():
-    mask = magnitude_mask(torch.tensor([1.0, -1.0, 1.0, 0.5]), 0.5)
+    mask = magnitude_mask(np.array([1.0, -1.0, 1.0, 0.5], np.float32), 0.5)
     assert mask.tolist() == [True, True, False, False]
-    assert magnitude_mask(torch.randn(10, 10), 0.37).sum() == 37
+    assert magnitude_mask(np.random.default_rng(1).standard_normal((10, 10), np.float32), 0.37).sum() == 37
 
 
 def test_non_float_tensors_come_from_the_base():
-    base = torch.arange(5)
-    assert torch.equal(merge_tensor(MergeOptions(method="ties"), "p", base, [base + 1], [1.0]), base)
+    base = np.arange(5)
+    assert np.array_equal(merge_tensor(MergeOptions(method="ties"), "p", base, [base + 1], [1.0]), base)
+
+
+def test_bfloat16_conversion_matches_torch():
+    values = torch.cat([torch.randn(10_000) * 10.0 ** torch.randint(-30, 30, (10_000,)),
+                        torch.tensor([0.0, -0.0, 1.00390625, 1.01171875, 3.4e38, float("inf"), float("-inf"), float("nan")])])  # fmt: skip
+    bits = to_storage(values.numpy(), "BF16")
+    assert STORAGE["BF16"] == bits.dtype.type
+    expected = values.to(torch.bfloat16)
+    number = ~values.isnan().numpy()  # a NaN stays a NaN; its payload bits are torch's own choice
+    assert np.array_equal(bits[number], expected.view(torch.int16).numpy().view(np.uint16)[number])
+    assert np.array_equal(bf16_to_float32(bits), expected.float().numpy(), equal_nan=True)
 
 
 # --- on disk -------------------------------------------------------------------------------------
@@ -122,7 +141,7 @@ def folders(tmp_path_factory, tiny):
 
 
 def state(folder):
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     return load_file(f"{folder}/model.safetensors")
 
@@ -136,7 +155,7 @@ def test_adapter_deltas_merge_like_the_full_models_they_stand_for(folders, tmp_p
     a, f = state(tmp_path / "from-adapters"), state(tmp_path / "from-full")
     assert a.keys() == f.keys()
     for k in a:
-        torch.testing.assert_close(a[k], f[k], atol=2e-6, rtol=1e-5)
+        assert_allclose(a[k], f[k], atol=2e-6, rtol=1e-5)
 
 
 def test_streaming_merge_equals_the_in_memory_merge(folders, tmp_path):
@@ -147,7 +166,7 @@ def test_streaming_merge_equals_the_in_memory_merge(folders, tmp_path):
     out = state(tmp_path / "out")
     assert out.keys() == base.keys()
     for k in base:
-        torch.testing.assert_close(out[k], merge_tensor(opts, k, base[k], [t0[k], t1[k]], [1.0, 0.5]), atol=2e-6, rtol=1e-5)
+        assert_allclose(out[k], merge_tensor(opts, k, base[k], [t0[k], t1[k]], [1.0, 0.5]), atol=2e-6, rtol=1e-5)
     manifest = json.loads((tmp_path / "out" / "cairn.json").read_text())
     assert manifest["merge"]["method"] == "ties" and "model.safetensors" in manifest["files"]
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()

@@ -25,49 +25,107 @@ def _uniform(seed: np.uint64, i: np.uint64, j: np.uint64) -> float:
     return (z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
-@njit(cache=True, parallel=True)
-def band_counts(theta, base, lo, hi):
-    """Per block: (entries with |θ − base| > hi, entries with lo <= |θ − base| <= hi)."""
+@njit(cache=True, parallel=True, nogil=True)
+def band_split(theta, base, lo, hi):
+    """One pass: (entries with |θ − base| > hi, the magnitudes inside [lo, hi], their flat
+    indices), the last two in index order.
+
+    Branch-free: every entry is written to its block's scratch and the write position advances
+    only for entries inside (4x faster than a conditional store). The scratch is sized for every
+    entry, but pages that are never written are never backed by memory, so it costs what the
+    band holds.
+    """
     n = base.size
     blocks = (n + BLOCK - 1) // BLOCK
     above = np.zeros(blocks, np.int64)
     inside = np.zeros(blocks, np.int64)
+    values = np.empty(n + blocks, theta.dtype)
+    where = np.empty(n + blocks, np.int64)
     for blk in prange(blocks):
+        start = blk * (BLOCK + 1)
+        k = start
         a = 0
-        c = 0
-        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
-            m = abs(theta[j] - base[j])
-            a += m > hi
-            c += (m >= lo) & (m <= hi)
-        above[blk] = a
-        inside[blk] = c
-    return above, inside
-
-
-@njit(cache=True, parallel=True)
-def band_gather(theta, base, lo, hi, inside):
-    """The magnitudes inside [lo, hi] and their flat indices, in index order.
-
-    Branch-free: every entry is written and the write position advances only for entries inside
-    (4x faster than a conditional store); each block gets one spare slot for its last write.
-    """
-    n = base.size
-    blocks = inside.size
-    starts = np.zeros(blocks + 1, np.int64)
-    for blk in range(blocks):
-        starts[blk + 1] = starts[blk] + inside[blk] + 1
-    values = np.empty(starts[blocks], theta.dtype)
-    where = np.empty(starts[blocks], np.int64)
-    for blk in prange(blocks):
-        k = starts[blk]
         for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
             m = abs(theta[j] - base[j])
             values[k] = m
             where[k] = j
+            a += m > hi
             k += (m >= lo) & (m <= hi)
-    real = np.ones(starts[blocks], np.bool_)
-    real[starts[1:] - 1] = False
-    return values[real], where[real]
+        above[blk] = a
+        inside[blk] = k - start
+    band_values = np.empty(inside.sum(), theta.dtype)
+    band_where = np.empty(inside.sum(), np.int64)
+    pos = 0
+    for blk in range(blocks):
+        start, count = blk * (BLOCK + 1), inside[blk]
+        band_values[pos : pos + count] = values[start : start + count]
+        band_where[pos : pos + count] = where[start : start + count]
+        pos += count
+    return above.sum(), band_values, band_where
+
+
+@njit(cache=True, nogil=True)
+def sample_bracket(theta, base, below, samples, margin):
+    """(lo, hi): quantiles `below` ∓ `margin` of |θ − base| estimated from `samples` entries
+    drawn uniformly (seeded by the size). The bracket holds the true quantile but for a
+    ~4-standard-error miss, which the caller detects."""
+    n = base.size
+    sample = np.empty(samples, theta.dtype)
+    for i in range(samples):
+        j = int(_uniform(np.uint64(n), np.uint64(0), np.uint64(i)) * n)
+        sample[i] = abs(theta[j] - base[j])
+    sample.sort()
+    lo = sample[max(0, int((below - margin) * samples))]
+    hi = sample[min(samples - 1, int((below + margin) * samples) + 1)]
+    return lo, hi
+
+
+_BINS = 1 << 16
+
+
+@njit(cache=True, nogil=True)
+def kth_largest(values, rank):
+    """The `rank`-th largest of `values` (1-based), exactly, in O(n): bucket the values into
+    equal-width bins between their min and max (a monotone map, so bins are ordered), keep the
+    bin holding the rank and repeat on it. ~5x faster here than torch.kthvalue's selection."""
+    while values.size > 64:
+        lo, hi = values.min(), values.max()
+        if lo == hi:
+            return lo
+        scale = _BINS / (hi - lo)
+        if not (np.isfinite(scale) and np.isfinite(lo)):  # inf or NaN magnitudes: sort instead
+            break
+        counts = np.zeros(_BINS + 1, np.int64)
+        for v in values:
+            counts[int((v - lo) * scale)] += 1
+        b = _BINS
+        while rank > counts[b]:
+            rank -= counts[b]
+            b -= 1
+        narrowed = np.empty(counts[b], values.dtype)
+        k = 0
+        for v in values:
+            if int((v - lo) * scale) == b:
+                narrowed[k] = v
+                k += 1
+        values = narrowed
+    return np.sort(values)[values.size - rank]
+
+
+@njit(cache=True, nogil=True)
+def threshold_in_band(values, where, rank):
+    """(t, cut): t the `rank`-th largest of the band's magnitudes; of the entries equal to t,
+    those at flat index <= cut make up the rank (ties are kept lowest index first)."""
+    t = kth_largest(values, rank)
+    ties = rank
+    for v in values:
+        ties -= v > t
+    for i in range(values.size):
+        if values[i] == t:
+            ties -= 1
+            if ties == 0:
+                return t, where[i]
+    return t, -1
 
 
 @njit(cache=True, inline="always")
@@ -84,7 +142,7 @@ def _kept(thetas, i, j, b, mode, thresholds, tie_cut, density, seed):
     return d
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def combine(out, base, thetas, weights, mode, thresholds, tie_cut, density, seed, elect, normalize, lam):
     """out = base + λ · (Σ wᵢ τᵢ, over the agreeing signs if `elect`) / (contributing weight if
     `normalize`), entry by entry, in mergekit's order of operations (τᵢ sparsified by `_kept`).

@@ -15,13 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
 from cairn.errors import ModelError
 from cairn.methods.merging import MergeOptions, merge_tensor
 from cairn.store import atomic_dir, file_hashes, write_manifest
-from cairn.tensor_files import FolderWeights, SafetensorsWriter
+from cairn.tensor_files import FolderWeights, SafetensorsReader, SafetensorsWriter, stored
 
 _WEIGHT_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|cairn\.json)$")
 
@@ -37,15 +37,15 @@ class AdapterWeights:
             raise ModelError(f"{self.folder}/adapter_config.json: cannot read ({exc})") from exc
         if config.get("peft_type") != "LORA" or config.get("use_dora"):
             raise ModelError(f"{self.folder}: only plain LoRA adapters can be merged (peft_type {config.get('peft_type')}, use_dora {config.get('use_dora')})")
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(self.folder / "adapter_model.safetensors")
-        except Exception as exc:  # OSError, or safetensors' own error type for a malformed file
+            reader = SafetensorsReader(self.folder / "adapter_model.safetensors")
+            state = {k: np.array(reader.get(k), np.float32) for k in reader.keys()}
+            reader.close()
+        except OSError as exc:
             raise ModelError(f"{self.folder}/adapter_model.safetensors: cannot read ({exc})") from exc
-        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}  # name -> A, B, scale, fan_in_fan_out
+        self.deltas: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}  # name -> A, B, scale, fan_in_fan_out
         pattern = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-        halves: dict[str, dict[str, torch.Tensor]] = {}
+        halves: dict[str, dict[str, np.ndarray]] = {}
         for key, tensor in state.items():
             m = pattern.fullmatch(key)
             if not m:
@@ -60,17 +60,18 @@ class AdapterWeights:
             scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
             self.deltas[name] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
 
-    def delta(self, name: str) -> torch.Tensor | None:
+    def delta(self, name: str) -> np.ndarray | None:
         if name not in self.deltas:
             return None
         a, b, scale, transposed = self.deltas[name]
-        d = (b.float() @ a.float()) * scale
+        d = (b @ a) * np.float32(scale)
         return d.T if transposed else d
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
+        """The parameter of the model base + ΔW, rounded to the base's dtype as a saved merge would be."""
         base = self.base.get(name)
         d = self.delta(name)
-        return base if d is None else (base.float() + d).to(base.dtype)
+        return base if d is None else stored(base.astype(np.float32) + d, self.base.meta(name)[0])
 
     def release(self, name: str) -> None:
         pass  # the base's pages are released by the base reader
@@ -170,26 +171,26 @@ def _write_full(base_w, sources, names, opts, weights, tmp, progress) -> dict[st
 
 def _write_adapter(base_w, sources, names, opts, weights, tmp, rank, base_ref, progress):
     """Truncated SVD of each linear layer's merged delta: ΔW ≈ B·A with B = U_r·S_r, A = V_rᵀ."""
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     state, modules = {}, []
     err2 = kept2 = dropped2 = 0.0
     for name, base, merged in _merged_in_order(base_w, sources, names, opts, weights, progress, f"merging ({opts.method}) to rank {rank}"):
-        delta = merged.float() - base.float()
-        norm2 = float(delta.pow(2).sum())
+        delta = merged.astype(np.float32) - base.astype(np.float32)
+        norm2 = float(np.square(delta, dtype=np.float64).sum())
         if norm2 == 0:
             continue
         module = name.removesuffix(".weight")
-        if delta.dim() != 2 or not name.endswith(".weight") or "embed" in name or "lm_head" in name:
+        if delta.ndim != 2 or not name.endswith(".weight") or "embed" in name or "lm_head" in name:
             dropped2 += norm2  # not a linear layer PEFT can adapt here: not representable
             continue
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, s.numel())
+        u, s, vh = np.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.size)
         b, a = u[:, :r] * s[:r], vh[:r]
-        state[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        state[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        state[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a)
+        state[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b)
         kept2 += norm2
-        err2 += float(s[r:].pow(2).sum())
+        err2 += float(np.square(s[r:], dtype=np.float64).sum())
         modules.append(module)
     if not modules:
         raise ModelError("the merged model equals the base on every linear layer: there is no adapter to write")
