@@ -89,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank of the --as-adapter output")
     p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")), help="store that input IDs refer to")
 
+    p = sub.add_parser("mix", help="mix LoRA adapters (LoRA-MoE) or full fine-tunes (Mixtral) of one base into a mixture of experts")
+    p.add_argument("--base", required=True, help="base model spec (the model every input was fine-tuned from)")
+    p.add_argument("--inputs", required=True, nargs="+", help="PEFT adapter folders, or HF model folders (all of one kind), or IDs in --store")
+    p.add_argument("--router", required=True, choices=["uniform", "arrow", "centroid", "trained", "random"])
+    p.add_argument("--top-k", type=int, default=2, help="experts mixed per prompt (default 2)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the router scores")
+    p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
+    p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token")
+    p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
+    p.add_argument("--shared", choices=["base", "average"], default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
+    p.add_argument("--out", required=True, type=Path, help="output folder (loads with cairn eval / cairn generate)")
+    p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")), help="store that input IDs refer to")
+
     p = sub.add_parser("run", help="run an experiment: strategies x seeds over a task stream, then report")
     p.add_argument("config", nargs="?", type=Path, help="experiment YAML (default: the built-in quickstart)")
     p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
@@ -228,6 +241,53 @@ def _cmd_merge(args) -> None:
     print(line)
 
 
+def _cmd_mix(args) -> None:
+    from pydantic import ValidationError
+
+    from cairn.errors import ConfigError
+    from cairn.methods.moe import MoeOptions
+    from cairn.models import ModelSpec, resolve_folder
+    from cairn.validation import config_error
+
+    _at_least(1, top_k=args.top_k)
+    given = {"temperature": args.temperature, "threshold": args.threshold, "granularity": args.granularity}
+    try:
+        opts = MoeOptions(router=args.router, top_k=args.top_k, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise config_error(exc, "invalid mix option") from None
+    if (args.router == "trained") != bool(args.tasks):
+        raise ConfigError("--tasks goes with --router trained (and only with it): one task source per input, to train the router on")
+    if args.tasks and len(args.tasks) != len(args.inputs):
+        raise ConfigError(f"{len(args.tasks)} --tasks for {len(args.inputs)} inputs: give one task source per input")
+    spec = ModelSpec.parse(args.base)
+    if spec.kind in ("adapter", "moe"):
+        raise ConfigError(f"--base {args.base} is not a base model; give the full model the inputs were trained from")
+    inputs = _resolve_inputs(args.inputs, args.store, args.base)
+    adapters = [(p / "adapter_config.json").is_file() for p in inputs]
+    if any(adapters) and not all(adapters):
+        raise ConfigError("--inputs mixes adapters and full models: a mixture is made of LoRA adapters (LoRA-MoE) or of full fine-tunes (Mixtral), not both")
+    if not all(adapters):
+        from cairn.methods.mixtral import export_mixtral
+
+        if args.router not in ("uniform", "centroid", "random"):
+            raise ConfigError(f"full fine-tunes are mixed into a Mixtral model, whose router is uniform, centroid or random; got --router {args.router}")
+        export_mixtral(resolve_folder(spec), inputs, args.out, router=args.router, top_k=args.top_k, shared=args.shared)
+        print(f"mixed {len(inputs)} full fine-tunes into a Mixtral model (router {args.router}, top-{args.top_k}) -> {args.out}")
+        return
+    from cairn.data import load_task
+    from cairn.methods.moe import attach_experts, save_moe, train_router
+    from cairn.models import load_model
+
+    base, tokenizer = load_model(spec)
+    model = attach_experts(base, inputs, opts)
+    note = ""
+    if args.tasks:
+        losses = train_router(model, tokenizer, [load_task(t) for t in args.tasks], opts, progress=True)
+        note = f", router trained: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    save_moe(model, inputs, opts, args.out, base=args.base)
+    print(f"mixed {len(inputs)} adapters into a LoRA-MoE (router {args.router}, top-{args.top_k}{note}) -> {args.out}")
+
+
 def _resolve_inputs(inputs: list[str], store_dir: Path, base: str) -> list[Path]:
     """Folders as given; store IDs resolved, verified, and checked against the base's fingerprint."""
     from cairn.store import Store
@@ -360,6 +420,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "merge": _cmd_merge,
+    "mix": _cmd_mix,
     "run": _cmd_run,
     "report": _cmd_report,
     "store": _cmd_store,

@@ -102,7 +102,7 @@ class ExperimentConfig(Strict):
 
         for s in self.strategies:
             self.train_config(s, self.seeds[0])  # every merged training config must validate
-            if self.setting == "semi" and STRATEGIES[s.kind].needs_history:
+            if self.setting == "semi" and STRATEGIES[s.kind].reads_history(s.typed_options()):
                 raise ValueError(
                     f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
                     "does not keep; use setting: full, or a semi-collaborative strategy"

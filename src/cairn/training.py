@@ -281,6 +281,21 @@ def train_contribution(
     return manifest
 
 
+def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path) -> None:
+    """Ship the contribution's routing statistics (methods/centroids.py): per adapted module for
+    LoRA, per MLP block for FFT, over the task's training prompts, so a mixer can route to it later
+    without the data."""
+    from cairn.methods import centroids
+
+    if cfg.method == "lora":
+        inner = model.get_base_model()
+        modules = sorted(name for name, m in inner.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    else:
+        modules = centroids.mlp_modules(model)
+    prompts = [ex.prompt for ex in task.train]
+    centroids.save(centroids.input_statistics(model, tokenizer, prompts, modules), out, len(prompts))
+
+
 def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:
     """Write a trained model atomically (PEFT adapter for LoRA, HF folder for FFT) plus its manifest."""
     from cairn.models import save_model
@@ -288,6 +303,7 @@ def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, ou
 
     out = Path(out)
     save_model(result.model, tokenizer, out)
+    save_routing_statistics(result.model, tokenizer, task, cfg, out)
     manifest = {
         "schema": 1,
         "kind": "adapter" if cfg.method == "lora" else "model",

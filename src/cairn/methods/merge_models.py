@@ -26,39 +26,49 @@ from cairn.tensor_files import FolderWeights, SafetensorsReader, SafetensorsWrit
 _WEIGHT_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|cairn\.json)$")
 
 
+def read_lora(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray, float, bool]]:
+    """module -> (A, B, scale, fan_in_fan_out) of a PEFT LoRA adapter folder, float32; the module's
+    delta is scale · B·A (transposed when fan_in_fan_out)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}/adapter_config.json: cannot read ({exc})") from exc
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise ModelError(f"{folder}: only plain LoRA adapters can be combined (peft_type {config.get('peft_type')}, use_dora {config.get('use_dora')})")
+    try:
+        reader = SafetensorsReader(folder / "adapter_model.safetensors")
+        state = {k: np.array(reader.get(k), np.float32) for k in reader.keys()}
+        reader.close()
+    except OSError as exc:
+        raise ModelError(f"{folder}/adapter_model.safetensors: cannot read ({exc})") from exc
+    pattern = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in state.items():
+        m = pattern.fullmatch(key)
+        if not m:
+            raise ModelError(f"{folder}: adapter tensor {key!r} is not a LoRA A/B matrix; only lora_A/lora_B weights can be combined")
+        halves.setdefault(m.group(1), {})[m.group(2)] = tensor
+    out = {}
+    for module, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            raise ModelError(f"{folder}: module {module!r} lacks lora_A or lora_B")
+        rank = ab["A"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        out[module] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
+    return out
+
+
 class AdapterWeights:
     """A PEFT LoRA adapter seen as the full model base + ΔW on each adapted module."""
 
     def __init__(self, folder: str | Path, base: FolderWeights):
         self.folder, self.base = Path(folder), base
-        try:
-            config = json.loads((self.folder / "adapter_config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.folder}/adapter_config.json: cannot read ({exc})") from exc
-        if config.get("peft_type") != "LORA" or config.get("use_dora"):
-            raise ModelError(f"{self.folder}: only plain LoRA adapters can be merged (peft_type {config.get('peft_type')}, use_dora {config.get('use_dora')})")
-        try:
-            reader = SafetensorsReader(self.folder / "adapter_model.safetensors")
-            state = {k: np.array(reader.get(k), np.float32) for k in reader.keys()}
-            reader.close()
-        except OSError as exc:
-            raise ModelError(f"{self.folder}/adapter_model.safetensors: cannot read ({exc})") from exc
-        self.deltas: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}  # name -> A, B, scale, fan_in_fan_out
-        pattern = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-        halves: dict[str, dict[str, np.ndarray]] = {}
-        for key, tensor in state.items():
-            m = pattern.fullmatch(key)
-            if not m:
-                raise ModelError(f"{self.folder}: adapter tensor {key!r} is not a LoRA A/B matrix; only lora_A/lora_B weights can be merged")
-            halves.setdefault(m.group(1), {})[m.group(2)] = tensor
-        for module, ab in halves.items():
-            name = f"{module}.weight"
-            if set(ab) != {"A", "B"} or name not in base.where:
-                raise ModelError(f"{self.folder}: module {module!r} lacks lora_A/lora_B or is not in the base model")
-            rank = ab["A"].shape[0]
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-            scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
-            self.deltas[name] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
+        self.deltas = {f"{m}.weight": v for m, v in read_lora(self.folder).items()}  # name -> A, B, scale, fan_in_fan_out
+        for name in self.deltas:
+            if name not in base.where:
+                raise ModelError(f"{self.folder}: module {name.removesuffix('.weight')!r} is not in the base model")
 
     def delta(self, name: str) -> np.ndarray | None:
         if name not in self.deltas:

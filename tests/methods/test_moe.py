@@ -1,0 +1,208 @@
+"""LoRA-MoE: routing math, routers against direct formulas, saving, the CLI and the strategy."""
+
+import json
+
+import pytest
+import torch
+
+from cairn.cli import main
+from cairn.config import parse_config
+from cairn.methods import centroids
+from cairn.methods.moe import MoeOptions, arrow_prototype, attach_experts, routers, save_moe, train_router
+from cairn.methods.routing import topk_weights
+
+X = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def test_topk_weights_is_the_softmax_of_the_top_k_and_zero_elsewhere():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [3.0, 3.0, 0.0, -2.0]])
+    w = topk_weights(logits, 2)
+    e = torch.exp(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(w[0], torch.tensor([0.0, e[0] / e.sum(), 0.0, e[1] / e.sum()]))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    # Mixtral's order of operations (softmax over all, top-k, renormalise) gives the same weights
+    p = logits.softmax(-1)
+    top = p.topk(2, dim=-1)
+    torch.testing.assert_close(w, torch.zeros_like(p).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True)))
+    assert torch.equal(topk_weights(logits, 9), logits.softmax(-1))  # k beyond E: every expert
+
+
+def test_arrow_prototype_is_the_top_right_singular_vector_of_the_delta():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 12, generator=g), torch.randn(9, 4, generator=g)
+    v = arrow_prototype(a, b)
+    expected = torch.linalg.svd(b @ a).Vh[0]
+    torch.testing.assert_close(v.abs(), expected.abs(), atol=1e-5, rtol=1e-5)
+    assert abs(float(v @ expected)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory, tiny):
+    """Two LoRA adapters of tiny-random, each with routing statistics over its own prompts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cairn.models import resolve_folder
+
+    root = tmp_path_factory.mktemp("moe")
+    _, tokenizer = tiny
+    prompts = [[f"The capital of Zorland number {i} is" for i in range(8)], [f"def function_{i}(x):\n    return" for i in range(8)]]
+    folders, peft_models = [], []
+    for k in range(2):
+        torch.manual_seed(k)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_folder("tiny-random")), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        model.eval().save_pretrained(root / f"e{k}")
+        modules = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+        centroids.save(centroids.input_statistics(model, tokenizer, prompts[k], modules), root / f"e{k}", len(prompts[k]))
+        folders.append(root / f"e{k}")
+        peft_models.append(model)
+    return folders, peft_models, prompts
+
+
+def base_copy():
+    from cairn.models import load_model
+
+    return load_model("tiny-random")[0]
+
+
+@pytest.mark.parametrize("router", ["uniform", "arrow", "trained", "random"])
+def test_one_expert_at_full_weight_equals_that_adapter(experts, router):
+    folders, peft_models, _ = experts
+    moe = attach_experts(base_copy(), folders[:1], MoeOptions(router=router))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(X).logits, peft_models[0](X).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_mixture_is_the_mean_of_the_experts_deltas(experts):
+    folders, peft_models, _ = experts
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="uniform"))
+    layer = moe.get_submodule("model.layers.1.mlp.down_proj")
+    x = torch.randn(3, layer.base.in_features)
+    deltas = []
+    for m in peft_models:
+        lora = m.get_base_model().get_submodule("model.layers.1.mlp.down_proj")
+        deltas.append(lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ ((deltas[0] + deltas[1]) / 2).T, atol=1e-5, rtol=1e-5)
+
+
+def test_centroid_router_sends_each_contributors_prompts_to_its_expert_and_others_to_the_base(experts, tiny):
+    folders, peft_models, prompts = experts
+    _, tokenizer = tiny
+    base = base_copy()
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="centroid", top_k=1))
+    for k in range(2):
+        ids = tokenizer(prompts[k][3], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, peft_models[k](ids).logits, atol=1e-4, rtol=1e-4)
+    unlike = tokenizer("Once upon a time, in a small village by the sea, there lived an old fisherman.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(moe(unlike).logits, base(unlike).logits, atol=1e-5, rtol=1e-5)
+    weights = [r.cached for r in routers(moe).values()]
+    assert all(float(w.sum()) < 1e-3 for w in weights)  # every layer left it to the null expert
+
+
+def test_batched_generation_routes_each_prompt_as_alone(experts, tiny):
+    from cairn.evaluation.generation import generate
+
+    folders, _, prompts = experts
+    _, tokenizer = tiny
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="centroid"))
+    batch = [prompts[0][1], prompts[1][2] + " x", "Hello"]
+    together = generate(moe, tokenizer, batch, max_new_tokens=6)
+    assert together == [generate(moe, tokenizer, [p], max_new_tokens=6)[0] for p in batch]
+
+
+def test_token_granularity_routes_every_position(experts):
+    folders, _, _ = experts
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="arrow", granularity="token"))
+    captured = []
+    handle = next(iter(routers(moe).values())).register_forward_hook(lambda _m, _a, out: captured.append(out))
+    with torch.no_grad():
+        moe(X)
+    handle.remove()
+    assert captured[0].shape == (1, X.shape[1], 2)
+    torch.testing.assert_close(captured[0].sum(-1), torch.ones(1, X.shape[1]))
+
+
+def test_trained_router_learns_and_only_the_router_changes(experts, tiny):
+    from cairn.data import Example, Task
+
+    folders, _, prompts = experts
+    _, tokenizer = tiny
+    tasks = [Task(f"t{k}", "exact", {"train": [Example(p, f"answer{k}") for p in prompts[k]]}) for k in range(2)]
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="trained"))
+    frozen = {k: v.clone() for k, v in moe.state_dict().items() if ".router." not in k}
+    losses = train_router(moe, tokenizer, tasks, MoeOptions(router="trained", router_epochs=6, router_lr=0.05))
+    assert losses[-1] < losses[0]
+    after = moe.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert any(r.linear.weight.abs().sum() > 0 for r in routers(moe).values())
+
+
+def test_saved_mixture_loads_through_load_model_with_the_same_outputs(experts, tmp_path):
+    from cairn.models import load_model
+
+    folders, _, _ = experts
+    opts = MoeOptions(router="random", seed=3)
+    moe = attach_experts(base_copy(), folders, opts)
+    save_moe(moe, folders, opts, tmp_path / "mix", base="tiny-random")
+    loaded, _ = load_model(str(tmp_path / "mix"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X).logits, moe(X).logits)
+    assert (tmp_path / "mix" / "experts" / "1" / centroids.FILE).is_file()
+
+
+def test_cli_mix_and_its_errors(experts, tmp_path, capsys):
+    folders, _, _ = experts
+    out = tmp_path / "mix"
+    assert main(["mix", "--base", "tiny-random", "--inputs", *map(str, folders), "--router", "arrow", "--top-k", "1", "--out", str(out)]) == 0
+    assert "LoRA-MoE" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "The capital of", "--max-new-tokens", "3"]) == 0
+    assert main(["mix", "--base", "tiny-random", "--inputs", str(folders[0]), "--router", "trained", "--out", str(tmp_path / "m2")]) == 4
+    assert "--tasks goes with --router trained" in capsys.readouterr().err
+    assert main(["mix", "--base", "tiny-random", "--inputs", str(folders[0]), "--router", "centroid", "--top-k", "0", "--out", str(tmp_path / "m2")]) == 4
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / f).write_bytes((folders[0] / f).read_bytes())
+    assert main(["mix", "--base", "tiny-random", "--inputs", str(bare), "--router", "centroid", "--out", str(tmp_path / "m3")]) == 5
+    assert "centroids.safetensors not found" in capsys.readouterr().err
+    assert not (tmp_path / "m3").exists()
+
+
+def strategy_config(tmp_path, setting="semi", router="centroid"):
+    def task(name):
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"prompt": f"Question: {name} code {i}?\nAnswer:", "answer": f"{name[:2]}{i}", "split": s} for i in range(6) for s in ("train", "test")]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    return parse_config({
+        "name": "moe", "base": "tiny-random", "tasks": [task("alpha"), task("beta")], "probe": None, "setting": setting,
+        "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
+        "strategies": [{"name": "moe", "kind": "moe", "router": router}, {"name": "ties", "kind": "merge", "method": "ties", "density": 0.5}],
+    })  # fmt: skip
+
+
+def test_moe_strategy_reuses_the_merge_contributions_and_ships_their_statistics(tmp_path):
+    from cairn.experiment import run_experiment
+
+    results = run_experiment(strategy_config(tmp_path), tmp_path / "run", progress=False, log=lambda *_: None)
+    contributions = list((tmp_path / "run" / "cache" / "contributions").iterdir())
+    assert len(contributions) == 2  # one per task, shared by moe and merge
+    assert all((c / centroids.FILE).is_file() for c in contributions)
+    assert len(results["strategies"]["moe"]["R"]) == 3 and results["strategies"]["moe"]["summary"]["new"] is not None
+
+
+def test_a_trained_router_is_refused_in_the_semi_setting(tmp_path):
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'moe' \\(kind moe\\) trains on earlier tasks' data"):
+        strategy_config(tmp_path, router="trained")
+    assert strategy_config(tmp_path, setting="full", router="trained").strategies[0].typed_options().router == "trained"
