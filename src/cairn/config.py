@@ -186,6 +186,8 @@ QUICKSTART = {
         {"name": "olora", "kind": "olora"},
         {"name": "merge-ties", "kind": "merge", "method": "ties", "density": 0.5},
         {"name": "merge-average", "kind": "merge", "method": "average"},
+        {"name": "moe-centroid", "kind": "moe", "router": "centroid"},
+        {"name": "moe-arrow", "kind": "moe", "router": "arrow"},
     ],
     "seeds": [0],
 }
