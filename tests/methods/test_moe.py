@@ -206,3 +206,30 @@ def test_a_trained_router_is_refused_in_the_semi_setting(tmp_path):
     with pytest.raises(ConfigError, match="'moe' \\(kind moe\\) trains on earlier tasks' data"):
         strategy_config(tmp_path, router="trained")
     assert strategy_config(tmp_path, setting="full", router="trained").strategies[0].typed_options().router == "trained"
+
+
+def test_cli_mix_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cairn.data import Example, Task
+    from cairn.models import resolve_folder
+    from cairn.store import Store
+    from cairn.training import TrainConfig, train_contribution
+
+    task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
+    train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)
+    assert (tmp_path / "c" / centroids.FILE).is_file()  # every contribution ships its routing statistics
+    Store(tmp_path / "s").add(tmp_path / "c", "mine")
+    args = ["mix", "--router", "centroid", "--inputs", "mine", "--store", str(tmp_path / "s")]
+    assert main([*args, "--base", "tiny-random", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "moe.json").is_file()
+    other = tmp_path / "other-base"
+    shutil.copytree(resolve_folder("tiny-random"), other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] += 1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert main([*args, "--base", str(other), "--out", str(tmp_path / "m2")]) == 5
+    assert "was made on a base with fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
