@@ -176,7 +176,7 @@ def test_cli_mix_and_its_errors(experts, tmp_path, capsys):
     assert not (tmp_path / "m3").exists()
 
 
-def strategy_config(tmp_path, setting="semi", router="centroid"):
+def strategy_config(tmp_path, setting="semi", router="centroid", method="lora"):
     def task(name):
         path = tmp_path / f"{name}.jsonl"
         rows = [{"prompt": f"Question: {name} code {i}?\nAnswer:", "answer": f"{name[:2]}{i}", "split": s} for i in range(6) for s in ("train", "test")]
@@ -185,7 +185,7 @@ def strategy_config(tmp_path, setting="semi", router="centroid"):
 
     return parse_config({
         "name": "moe", "base": "tiny-random", "tasks": [task("alpha"), task("beta")], "probe": None, "setting": setting,
-        "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
+        "train": {"method": method, "epochs": 1, "batch_size": 4, "lr": 1e-2},
         "strategies": [{"name": "moe", "kind": "moe", "router": router}, {"name": "ties", "kind": "merge", "method": "ties", "density": 0.5}],
     })  # fmt: skip
 
@@ -198,6 +198,17 @@ def test_moe_strategy_reuses_the_merge_contributions_and_ships_their_statistics(
     assert len(contributions) == 2  # one per task, shared by moe and merge
     assert all((c / centroids.FILE).is_file() for c in contributions)
     assert len(results["strategies"]["moe"]["R"]) == 3 and results["strategies"]["moe"]["summary"]["new"] is not None
+
+
+def test_moe_strategy_over_full_fine_tunes_exports_mixtral_models(tmp_path):
+    from cairn.experiment import run_experiment
+
+    results = run_experiment(strategy_config(tmp_path, method="fft"), tmp_path / "run", progress=False, log=lambda *_: None)
+    exports = list((tmp_path / "run" / "cache" / "mixtral").iterdir())
+    assert len(exports) == 2  # one per stage
+    configs = sorted(json.loads((e / "config.json").read_text())["num_local_experts"] for e in exports)
+    assert configs == [1, 2]
+    assert len(results["strategies"]["moe"]["R"]) == 3
 
 
 def test_a_trained_router_is_refused_in_the_semi_setting(tmp_path):

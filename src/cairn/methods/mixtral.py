@@ -15,7 +15,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-
 from typing import Callable
 
 import numpy as np

@@ -27,7 +27,6 @@ one task, so one decision per prompt is both steadier and cheaper). `token` scor
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path

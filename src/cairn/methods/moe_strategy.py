@@ -67,5 +67,5 @@ def _mixtral(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
             raise ConfigError(f"{experts[-1]} has no routing statistics; retrain it with this version of Cairn")
         out = work.folder("mixtral", [e.name for e in experts], opts.model_dump())
         if read_manifest(out) is None:
-            export_mixtral(base_dir, experts, out, router=opts.router, top_k=opts.top_k, seed=opts.seed, progress=work.progress)
+            export_mixtral(base_dir, experts, out, router=opts.router, top_k=min(opts.top_k, len(experts)), seed=opts.seed, progress=work.progress)
         yield AutoModelForCausalLM.from_pretrained(out).eval()
