@@ -282,9 +282,12 @@ def train_contribution(
 
 
 def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path) -> None:
-    """Ship the contribution's routing statistics (methods/centroids.py): per adapted module for
-    LoRA, per MLP block for FFT, over the task's training prompts, so a mixer can route to it later
-    without the data."""
+    """Ship the contribution's routing statistics (methods/centroids.py) over the task's training
+    prompts, so a mixer can route to it later without the data: per adapted module as the base
+    model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
+    the fine-tuned model for FFT (the Mixtral router sits inside it)."""
+    from contextlib import nullcontext
+
     from cairn.methods import centroids
 
     if cfg.method == "lora":
@@ -293,7 +296,9 @@ def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path)
     else:
         modules = centroids.mlp_modules(model)
     prompts = [ex.prompt for ex in task.train]
-    centroids.save(centroids.input_statistics(model, tokenizer, prompts, modules), out, len(prompts))
+    with model.disable_adapter() if cfg.method == "lora" else nullcontext():
+        stats = centroids.input_statistics(model, tokenizer, prompts, modules)
+    centroids.save(stats, out, len(prompts))
 
 
 def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:

@@ -57,7 +57,8 @@ def experts(tmp_path_factory, tiny):
                 torch.nn.init.normal_(p, std=0.05)
         model.eval().save_pretrained(root / f"e{k}")
         modules = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith("lora_A.default"))
-        centroids.save(centroids.input_statistics(model, tokenizer, prompts[k], modules), root / f"e{k}", len(prompts[k]))
+        with model.disable_adapter():  # as contributions ship them: the prompts as the base reads them
+            centroids.save(centroids.input_statistics(model, tokenizer, prompts[k], modules), root / f"e{k}", len(prompts[k]))
         folders.append(root / f"e{k}")
         peft_models.append(model)
     return folders, peft_models, prompts
@@ -104,6 +105,7 @@ def test_centroid_router_sends_each_contributors_prompts_to_its_expert_and_other
         torch.testing.assert_close(moe(unlike).logits, base(unlike).logits, atol=1e-5, rtol=1e-5)
     weights = [r.cached for r in routers(moe).values()]
     assert all(float(w.sum()) < 1e-3 for w in weights)  # every layer left it to the null expert
+    assert routers(moe)["model.layers.0.self_attn.q_proj"].context.reports == len(weights)  # the survey heard every router
 
 
 def test_batched_generation_routes_each_prompt_as_alone(experts, tiny):
@@ -115,6 +117,10 @@ def test_batched_generation_routes_each_prompt_as_alone(experts, tiny):
     batch = [prompts[0][1], prompts[1][2] + " x", "Hello"]
     together = generate(moe, tokenizer, batch, max_new_tokens=6)
     assert together == [generate(moe, tokenizer, [p], max_new_tokens=6)[0] for p in batch]
+    # the survey pass reads the prompt without writing to the generation's KV cache
+    ids = tokenizer(batch[0], return_tensors="pt")["input_ids"]
+    out = moe.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values.get_seq_length() == ids.shape[1] + 3
 
 
 def test_token_granularity_routes_every_position(experts):

@@ -1,6 +1,6 @@
 """Routing statistics a contributor ships with its contribution: for each module, the mean and
 per-dimension variance, over its own training prompts, of the prompt-averaged input entering that
-module. A few hundred numbers per module, no data, yet enough for a mixer to tell which prompts
+module (as the base model reads them, for a LoRA contribution: the router reads prompts that way). A few hundred numbers per module, no data, yet enough for a mixer to tell which prompts
 look like that contributor's (the `centroid` router of LoRA-MoE and of the Mixtral export).
 
 File: `centroids.safetensors` in the contribution folder, keys `<module>.mean` and `<module>.var`
@@ -36,8 +36,8 @@ def pooled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """{`<module>.mean`, `<module>.var`}: statistics over `prompts` of each module's prompt-averaged
-    input, read with forward hooks during ordinary forward passes of `model` (a PeftModel counts
-    as its base model with the adapter active, as the mixture will see it)."""
+    input, read with forward hooks during ordinary forward passes of `model` (for a PeftModel, of
+    its base model with whatever adapter is active)."""
     if not prompts:
         raise ModelError("no prompts to compute routing statistics from")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -69,7 +69,8 @@ def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
             mask_now[:] = [mask]
-            model(input_ids=ids, attention_mask=mask)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generation numbers left-padded tokens
+            model(input_ids=ids, attention_mask=mask, position_ids=positions)
         model.train(was_training)
     finally:
         for h in handles:

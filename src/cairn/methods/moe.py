@@ -12,11 +12,12 @@ that layer's router. Routers (`MoeOptions.router`):
               and per-dimension variance σₖ² of its prompts' inputs to the layer); expert k scores
               −dₖ/T with dₖ(x) = mean over dimensions of (x − cₖ)²/σₖ² (≈ 1 on its own prompts),
               and the base model itself competes as a null expert scoring −`threshold`/T, so a
-              prompt unlike every contributor's is left to the base. Routing a prompt, a layer
-              uses the mean of dₖ over itself and every layer before it: one layer's distances
-              separate tasks only weakly (measured on the quickstart packs: ≈ 1.0 on the expert's
-              own test prompts, 1.2–2.3 on other packs', and 1.0–6 on the general probe depending
-              on the layer), their mean over layers reliably;
+              prompt unlike every contributor's is left to the base. The statistics describe how
+              the base model reads each contributor's prompts, and a prompt is routed the same
+              way: a survey pass of the base model alone (experts off, no cache) collects dₖ at
+              every adapted module and the mixture uses their mean at every layer. One module's
+              distances separate tasks weakly; their mean does (measured on the quickstart packs:
+              own-pack test prompts 1.0–1.2, other packs' 1.4–1.7, the general probe 6.4–10);
 - `trained`   a linear router per layer, trained with the experts frozen on a small labelled
               mixture of the tasks (fully-collaborative only), see `train_router`.
 
@@ -60,34 +61,49 @@ class MoeOptions(Strict):
 
 
 class RoutingContext:
-    """What every router of one model shares: the attention mask of the prompt being prefilled.
+    """What every router of one model shares: the prompt being prefilled, and for the `centroid`
+    router the decision its survey of the prompt reached.
 
     Set by a pre-hook on the decoder's forward; a call whose input is as long as its mask is a
     prefill (or a training batch), a shorter one is a decoding step that keeps the routing."""
 
-    def __init__(self):
+    def __init__(self, survey: bool = False):
         self.mask: torch.Tensor | None = None
         self.prefill = True
         self.override: torch.Tensor | None = None  # training: pool over the prompt tokens only
-        self.evidence: torch.Tensor | None = None  # centroid: distances summed over the layers so far
-        self.layers = 0
+        self.survey = survey  # centroid routing: read the prompt with the experts off first
+        self.surveying = False
+        self.evidence: torch.Tensor | None = None  # the survey's distances, summed over routers
+        self.reports = 0
 
-    def hook(self, _module, args, kwargs):
+    def hook(self, module, args, kwargs):
+        if self.surveying:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
         self.prefill = mask is None or ids is None or mask.shape[1] == ids.shape[1]
-        if self.prefill:
-            self.mask = mask if self.override is None else self.override
-            self.evidence, self.layers = None, 0
+        if not self.prefill:
+            return
+        self.mask = mask if self.override is None else self.override
+        self.evidence, self.reports = None, 0
+        if self.survey:  # one pass of the base model alone (no cache): every router reports
+            self.surveying = True
+            try:
+                quiet = {k: None for k in ("cache", "past_key_values") if k in kwargs}  # the KV cache is the real pass's
+                with torch.no_grad():
+                    module(*args, **{**kwargs, **quiet, "use_cache": False})
+            finally:
+                self.surveying = False
 
-    def vote(self, d: torch.Tensor) -> torch.Tensor:
-        """The mean of the distances `d` (batch, E) reported by every router so far in this
-        prefill, this one included: each layer decides on all the evidence before it."""
-        self.evidence = d if self.evidence is None or self.evidence.shape != d.shape else self.evidence + d
-        self.layers += 1
-        return self.evidence / self.layers
+    def report(self, d: torch.Tensor) -> None:
+        self.evidence = d if self.evidence is None else self.evidence + d
+        self.reports += 1
+
+    def distances(self) -> torch.Tensor:
+        """The survey's verdict: each expert's distance averaged over every adapted module."""
+        return self.evidence / self.reports
 
 
 class Router(nn.Module):
@@ -107,7 +123,7 @@ class Router(nn.Module):
             self.linear = nn.Linear(width, n)
             g = torch.Generator().manual_seed(opts.seed)
             with torch.no_grad():
-                self.linear.weight.copy_(torch.randn(n, width, generator=g) * (0.02 if self.mode == "random" else 0.0))
+                self.linear.weight.copy_(torch.randn(n, width, generator=g) * 0.02)  # trained: a start that breaks ties
                 self.linear.bias.zero_()
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +135,11 @@ class Router(nn.Module):
             return topk_weights(cos.abs() / self.temperature, self.top_k)
         if self.mode == "centroid":
             d = ((x.unsqueeze(-2) - self.means).pow(2) * self.inv_var).mean(-1)
+            if self.context.surveying:
+                self.context.report(d)
+                return torch.zeros_like(d)  # the survey reads the base model alone
             if self.sequence:
-                d = self.context.vote(d)
+                d = self.context.distances()
             null = d.new_full((*d.shape[:-1], 1), self.threshold)
             return topk_weights(-torch.cat([null, d], -1) / self.temperature, self.top_k)[..., 1:]
         self.logits = self.linear(x)
@@ -129,6 +148,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence or self.mode == "uniform":
             return self.weights(x)
+        if self.context.surveying:
+            return self.weights(centroids.pooled(x, self.context.mask)).unsqueeze(1)
         if self.context.prefill or self.cached is None or self.cached.shape[0] != x.shape[0]:
             mask = self.context.mask
             mask = mask if mask is not None and mask.shape[:2] == x.shape[:2] else None
@@ -196,7 +217,7 @@ def attach_experts(model, experts: list[Path], opts: MoeOptions, statistics: lis
     adapters = [_read_adapter(Path(e)) for e in experts]
     if opts.router == "centroid" and statistics is None:
         statistics = [centroids.load(e) for e in experts]
-    context = RoutingContext()
+    context = RoutingContext(survey=opts.router == "centroid" and opts.granularity == "sequence")
     modules = sorted({m for ad in adapters for m in ad})
     for module in modules:
         try:

@@ -19,14 +19,11 @@ def routing_statistics(work, model, contribution, task) -> dict:
     from its own task's prompts (the stage still holds that task's data) and cached."""
     if (contribution / centroids.FILE).is_file():
         return centroids.load(contribution)
-    folder = work.folder("centroids", contribution.name)
+    folder = work.folder("centroids", contribution.name, "read by the base")
     if not (folder / centroids.FILE).is_file():
-        from peft import PeftModel
-
         from cairn.methods.merge_models import read_lora
 
-        adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(contribution)).eval()
-        stats = centroids.input_statistics(adapted, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
+        stats = centroids.input_statistics(model, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
         folder.mkdir(parents=True, exist_ok=True)
         centroids.save(stats, folder, len(task.train))
     return centroids.load(folder)
