@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True, nargs="+", help="PEFT adapter folders, or HF model folders (all of one kind), or IDs in --store")
     p.add_argument("--router", required=True, choices=["uniform", "arrow", "centroid", "trained", "random"])
     p.add_argument("--top-k", type=int, default=2, help="experts mixed per prompt (default 2)")
-    p.add_argument("--temperature", type=float, help="softmax temperature of the router scores")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the router scores (default: centroid 0.005, arrow 0.1)")
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
     p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token")
     p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
