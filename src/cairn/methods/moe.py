@@ -144,12 +144,13 @@ class Router(nn.Module):
             cos = nn.functional.normalize(x, dim=-1) @ self.prototypes.T
             return topk_weights(cos.abs() / self.temperature, self.top_k)
         if self.mode == "centroid":
-            d = ((x.unsqueeze(-2) - self.means).pow(2) * self.inv_var).mean(-1)
-            if self.context.surveying:
-                self.context.report(d)
-                return torch.zeros_like(d)  # the survey reads the base model alone
-            if self.sequence:
-                d = self.context.distances()
+            if self.sequence and not self.context.surveying:
+                d = self.context.distances()  # the survey's verdict, the same at every layer
+            else:
+                d = ((x.unsqueeze(-2) - self.means).pow(2) * self.inv_var).mean(-1)
+                if self.context.surveying:
+                    self.context.report(d)
+                    return torch.zeros_like(d)  # the survey reads the base model alone
             null = d.new_full((*d.shape[:-1], 1), self.threshold)
             return topk_weights(-torch.cat([null, d], -1) / self.temperature, self.top_k)[..., 1:]
         self.logits = self.linear(x)
@@ -180,6 +181,8 @@ class LoraExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.router(x) * self.scale  # (..., E), broadcast over tokens for sequence routing
+        if self.router.context.surveying:
+            return self.base(x)
         h = (x @ self.a.T).unflatten(-1, (self.n, self.rank))  # (..., E, r)
         return self.base(x) + (h * g.unsqueeze(-1)).flatten(-2) @ self.b
 
