@@ -386,13 +386,15 @@ COMMANDS = {
     "generate": ["--model", "--max-new-tokens", "--allow-pickle"],
     "merge": ["--method", "--base", "--inputs", "--weights", "--density", "--lambda", "--normalize", "--no-normalize",
               "--seed", "--out", "--as-adapter", "--rank", "--store"],
+    "mix": ["--base", "--inputs", "--router", "--top-k", "--temperature", "--threshold", "--granularity", "--tasks", "--shared",
+            "--out", "--store"],
     "run": ["--out"],
     "report": [],
     "store": ["--store", "add", "list", "show", "verify", "--name"],
     "data": ["packs", "inspect", "--metric", "-n"],
 }
 REQUIRED = {"train": ["--task", "--out"], "eval": ["--model", "--task"], "generate": ["--model"],
-            "merge": ["--method", "--base", "--inputs", "--out"]}
+            "merge": ["--method", "--base", "--inputs", "--out"], "mix": ["--base", "--inputs", "--router", "--out"]}
 NUMBERS = ["0", "-1", "1", "2", "3", "64", "0.5", "1.5", "1e-4", "1e999", "nan", "inf", "-inf", "abc", "",
            "99999999999999999999", "1_000", "٣", "²", "0x10", " 1", "-0"]
 TASKS = ["good.jsonl", "bad.jsonl", "latin1.jsonl", "empty.jsonl", "deep.json", "big.jsonl", "trace", "emptydir", "nope.jsonl",
@@ -408,6 +410,8 @@ VALUES = {
     "--base": MODELS, "--model": MODELS, "--task": TASKS, "--metric": ["exact", "choice", "bleu", ""],
     ("train", "--method"): ["lora", "fft", "ties"],
     ("merge", "--method"): ["ties", "average", "task_arithmetic", "dare_linear", "dare_ties", "slerp", "lora"],
+    "--router": ["uniform", "arrow", "centroid", "trained", "random", "sparse"], "--granularity": ["sequence", "token", "layer"],
+    "--shared": ["base", "average", "mean"], "--tasks": TASKS,
     "--split": ["train", "eval", "test", "dev"], "--out": ["out", "out/x", "good.jsonl", "emptydir", ""],
     "--json": ["r.json", "emptydir", "nodir/r.json"], "--store": STORES, "--name": STORE_IDS, "--inputs": ["contrib", *STORE_IDS],
 }
@@ -560,6 +564,23 @@ def _fake_merge_models(base, inputs, out, opts, *, weights=None, adapter_rank=No
     return {"wall_s": 0.0}
 
 
+def _fake_attach_experts(model, experts, opts, statistics=None):
+    from cairn.methods.moe import MoeOptions
+
+    assert isinstance(opts, MoeOptions) and experts and all(Path(p).exists() for p in experts)
+    return model
+
+
+def _fake_train_router(model, tokenizer, tasks, opts, **_):
+    assert tasks and all(t.train for t in tasks), "the CLI must refuse a --tasks source without training examples"
+    return [1.0, 0.5]
+
+
+def _fake_export_mixtral(base, inputs, out, *, router, top_k, **_):
+    assert router in ("uniform", "centroid", "random") and top_k >= 1
+    return {}
+
+
 def _fake_run_experiment(cfg, out, log=print):
     assert all(0 <= seed < 2**32 for seed in cfg.seeds), "the config must refuse seeds NumPy cannot take"
     cfg.load_tasks()  # the task sources are checked as the real runner checks them first
@@ -574,6 +595,10 @@ def _stubs():
         mock.patch("cairn.evaluation.evaluate_task", _fake_evaluate_task),
         mock.patch("cairn.evaluation.generate", _fake_generate),
         mock.patch("cairn.methods.merge_models.merge_models", _fake_merge_models),
+        mock.patch("cairn.methods.moe.attach_experts", _fake_attach_experts),
+        mock.patch("cairn.methods.moe.train_router", _fake_train_router),
+        mock.patch("cairn.methods.moe.save_moe", lambda *a, **k: None),
+        mock.patch("cairn.methods.mixtral.export_mixtral", _fake_export_mixtral),
         mock.patch("cairn.experiment.run_experiment", _fake_run_experiment),
         mock.patch("cairn.report.write_report", lambda results, out: None),
         mock.patch("cairn.cli._print_summary", lambda results: None),
