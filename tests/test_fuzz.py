@@ -385,7 +385,7 @@ COMMANDS = {
     "eval": ["--model", "--task", "--metric", "--split", "--batch-size", "--json", "--allow-pickle"],
     "generate": ["--model", "--max-new-tokens", "--allow-pickle"],
     "merge": ["--method", "--base", "--inputs", "--weights", "--density", "--lambda", "--normalize", "--no-normalize",
-              "--seed", "--out", "--as-adapter", "--rank", "--store"],
+              "--seed", "--out", "--as-adapter", "--rank", "--store", "--config"],
     "mix": ["--base", "--inputs", "--router", "--top-k", "--temperature", "--threshold", "--granularity", "--tasks", "--shared",
             "--out", "--store"],
     "run": ["--out"],
@@ -411,7 +411,7 @@ VALUES = {
     ("train", "--method"): ["lora", "fft", "ties"],
     ("merge", "--method"): ["ties", "average", "task_arithmetic", "dare_linear", "dare_ties", "slerp", "lora"],
     "--router": ["uniform", "arrow", "centroid", "trained", "random", "sparse"], "--granularity": ["sequence", "token", "layer"],
-    "--shared": ["base", "average", "mean"], "--tasks": TASKS,
+    "--shared": ["base", "average", "mean"], "--tasks": TASKS, "--config": ["mk.yaml", "mk-slices.yaml", *CONFIGS],
     "--split": ["train", "eval", "test", "dev"], "--out": ["out", "out/x", "good.jsonl", "emptydir", ""],
     "--json": ["r.json", "emptydir", "nodir/r.json"], "--store": STORES, "--name": STORE_IDS, "--inputs": ["contrib", *STORE_IDS],
 }
@@ -494,6 +494,9 @@ def _sandbox(root: Path) -> None:
     (root / "exp.yaml").write_text(yaml.safe_dump({"name": "fz", "tasks": ["pack:people?facts=2"], "probe": None,
                                                    "strategies": [{"name": "s", "kind": "sequential"}]}))
     (root / "bad.yaml").write_text("tasks: [pack:people\n")
+    mergekit = {"merge_method": "ties", "base_model": "tiny-random", "models": [{"model": "contrib", "parameters": {"density": 0.5}}]}
+    (root / "mk.yaml").write_text(yaml.safe_dump(mergekit))
+    (root / "mk-slices.yaml").write_text(yaml.safe_dump({**mergekit, "slices": [{"sources": []}]}))
     (root / "dates.yaml").write_text("name: 2001-13-01\n")
     (root / "seeds.yaml").write_text("tasks: [pack:people]\nprobe: null\nstrategies: [{name: s, kind: sequential}]\nseeds: [-1]\n")
     (root / "intkeys.yaml").write_text("tasks: [pack:people]\nstrategies: [{name: s, kind: sequential, 1: 2}]\n")

@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
 
     p = sub.add_parser("merge", help="merge fine-tunes and/or LoRA adapters of one base into one model")
-    p.add_argument("--method", required=True, choices=_MergeMethods(), metavar="METHOD", help="one of: %(choices)s")
-    p.add_argument("--base", required=True, help="base model spec (the model every input was fine-tuned from)")
-    p.add_argument("--inputs", required=True, nargs="+", help="HF model folders, PEFT adapter folders, or IDs in --store")
+    p.add_argument("--method", choices=_MergeMethods(), metavar="METHOD", help="one of: %(choices)s")
+    p.add_argument("--base", help="base model spec (the model every input was fine-tuned from)")
+    p.add_argument("--inputs", nargs="+", help="HF model folders, PEFT adapter folders, or IDs in --store")
+    p.add_argument("--config", type=Path, help="a mergekit YAML config instead of --method/--base/--inputs/... (see README)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per input (default: 1 each)")
     p.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_linear, dare_ties; default 1)")
     p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector (default 1)")
@@ -219,6 +220,12 @@ def _cmd_merge(args) -> None:
     from cairn.validation import config_error
 
     given = {"density": args.density, "lambda": args.lambda_, "seed": args.seed}
+    if args.config:
+        _merge_from_config(args, given)
+        return
+    missing = [f"--{k}" for k in ("method", "base", "inputs") if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"cairn merge needs {', '.join(missing)} (or a mergekit YAML through --config)")
     unused = [k for k, v in given.items() if v is not None and k not in METHODS[args.method].uses]
     if unused:
         raise ConfigError(f"--{unused[0]} does not apply to {args.method}; it reads: {', '.join(sorted(METHODS[args.method].uses)) or 'no parameters'}")
@@ -234,7 +241,34 @@ def _cmd_merge(args) -> None:
         raise ConfigError(f"--base {args.base} is an adapter; give the full model it was trained from")
     inputs = _resolve_inputs(args.inputs, args.store, args.base)
     stats = merge_models(resolve_folder(spec), inputs, args.out, opts, weights=args.weights, adapter_rank=args.rank, manifest={"base": args.base})
-    line = f"merged {len(inputs)} models ({args.method}) in {stats['wall_s']:.1f}s -> {args.out}"
+    _report_merge(stats, len(inputs), args.out)
+
+
+def _merge_from_config(args, given: dict) -> None:
+    from cairn.errors import ConfigError
+    from cairn.methods.merge_models import merge_models
+    from cairn.methods.mergekit_config import read_mergekit_config
+    from cairn.models import ModelSpec, resolve_folder
+
+    clash = [f"--{k}" for k in ("method", "base", "inputs", "weights", "normalize") if getattr(args, k) is not None]
+    clash += [f"--{k}" for k, v in given.items() if v is not None]
+    if clash:
+        raise ConfigError(f"--config gives the whole merge; drop {', '.join(clash)} (or drop --config)")
+    if args.as_adapter != (args.rank is not None):
+        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
+    _at_least(1, rank=args.rank)
+    plan = read_mergekit_config(args.config)
+    spec = ModelSpec.parse(plan.base)
+    if spec.kind in ("adapter", "moe"):
+        raise ConfigError(f"{args.config}: base_model {plan.base} is not a full model; give the model the inputs were trained from")
+    inputs = _resolve_inputs(plan.inputs, args.store, plan.base)
+    stats = merge_models(resolve_folder(spec), inputs, args.out, plan.opts, weights=plan.weights, adapter_rank=args.rank, dtype=plan.dtype,
+                         manifest={"base": plan.base, "mergekit_config": str(args.config)})  # fmt: skip
+    _report_merge(stats, len(inputs), args.out)
+
+
+def _report_merge(stats: dict, n: int, out: Path) -> None:
+    line = f"merged {n} models ({stats['method']}) in {stats['wall_s']:.1f}s -> {out}"
     if "svd" in stats:
         svd = stats["svd"]
         line += f" (rank-{svd['rank']} adapter on {svd['modules']} modules, relative error {svd['relative_error']:.4f})"

@@ -148,6 +148,11 @@ def parse_config(data, where: str = "config") -> ExperimentConfig:
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
+    return parse_config(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path):
+    """A YAML file's data; every way it can fail is a ConfigError naming the file (and line)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -168,7 +173,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
             f"{path}: not valid YAML (a value cannot be read as the date, number or !!type it looks like or is tagged with: "
             f"{type(exc).__name__}: {exc}); quote it to keep it a string"
         ) from exc
-    return parse_config(data, str(path))
+    return data
 
 
 QUICKSTART = {

@@ -227,3 +227,31 @@ def test_cli_merge_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
     assert main([*args, "--base", str(other), "--out", str(tmp_path / "m2")]) == 5
     assert "was made on a base with fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+
+
+def test_cli_merge_takes_a_mergekit_config(folders, tmp_path, capsys):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from cairn.tensor_files import FolderWeights, stored
+
+    base_dir, _, fulls = folders
+    config = {
+        "merge_method": "ties", "base_model": str(base_dir), "dtype": "bfloat16",
+        "models": [{"model": str(fulls[0]), "parameters": {"weight": 1.0, "density": 0.5}}, {"model": str(fulls[1]), "parameters": {"weight": 0.5, "density": 0.5}}],
+        "parameters": {"lambda": 0.9},
+    }  # fmt: skip
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", "--config", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")]) == 0
+    opts = MergeOptions(method="ties", density=0.5, lambda_=0.9)
+    merge_models(base_dir, fulls, tmp_path / "direct", opts, weights=[1.0, 0.5], progress=False)
+    out, direct = FolderWeights(tmp_path / "out"), FolderWeights(tmp_path / "direct")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert out.meta(name)[0] == "BF16" and direct.meta(name)[0] == "F32"
+    assert np.array_equal(out.get(name), stored(direct.get(name), "BF16"))  # the same merge, rounded to bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+    assert main(["merge", "--config", str(tmp_path / "mk.yml"), "--method", "ties", "--out", str(tmp_path / "x")]) == 4
+    assert "--config gives the whole merge; drop --method" in capsys.readouterr().err
+    assert main(["merge", "--base", str(base_dir), "--out", str(tmp_path / "x")]) == 4
+    assert "cairn merge needs --method, --inputs (or a mergekit YAML through --config)" in capsys.readouterr().err

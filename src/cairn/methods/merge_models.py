@@ -123,11 +123,13 @@ def merge_models(
     *,
     weights: list[float] | None = None,
     adapter_rank: int | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     manifest: dict | None = None,
 ) -> dict:
     """Merge `inputs` onto the HF folder `base`; write a HF folder (or, with `adapter_rank`, a PEFT
-    adapter) to `out` atomically, and return the merge's statistics."""
+    adapter) to `out` atomically, and return the merge's statistics. `dtype` (a safetensors name:
+    F32, BF16, F16) sets the full output's floating dtype; by default it is the base's."""
     if not inputs:
         raise ModelError("nothing to merge: give at least one input")
     weights = list(weights) if weights is not None else [1.0] * len(inputs)
@@ -137,16 +139,22 @@ def merge_models(
     base_w = FolderWeights(base)
     sources = [open_input(p, base_w) for p in inputs]
     names = base_w.keys()
-    stats = {"method": opts.method, "options": opts.model_dump(by_alias=True), "weights": weights, "inputs": [str(p) for p in inputs], "tensors": len(names)}
+    stats = {"method": opts.method, "options": opts.model_dump(by_alias=True), "weights": weights, "inputs": [str(p) for p in inputs], "tensors": len(names), "dtype": dtype}
     try:
         size = sum((Path(base) / f).stat().st_size for f in set(base_w.where.values()))
         with atomic_dir(Path(out), needed=size if adapter_rank is None else size // 100) as tmp:
             known = {}
             if adapter_rank is None:
-                known = _write_full(base_w, sources, names, opts, weights, tmp, progress)
+                known = _write_full(base_w, sources, names, opts, weights, tmp, progress, dtype)
                 for f in Path(base).iterdir():  # config, tokenizer, generation config
                     if f.is_file() and not _WEIGHT_FILES.fullmatch(f.name):
                         shutil.copy2(f, tmp / f.name)
+                if dtype and (tmp / "config.json").is_file():  # the config names the weights' dtype
+                    config = json.loads((tmp / "config.json").read_text())
+                    for key in ("dtype", "torch_dtype"):
+                        if key in config or key == "dtype":
+                            config[key] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             else:
                 stats["svd"] = _write_adapter(base_w, sources, names, opts, weights, tmp, adapter_rank, str(base), progress)
             stats["wall_s"] = round(time.perf_counter() - start, 3)
@@ -167,9 +175,12 @@ def _merged_in_order(base_w, sources, names, opts, weights, progress, desc):
             src.release(name)
 
 
-def _write_full(base_w, sources, names, opts, weights, tmp, progress) -> dict[str, str]:
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _write_full(base_w, sources, names, opts, weights, tmp, progress, dtype=None) -> dict[str, str]:
     """Write the merged model.safetensors; returns its sha256 for the manifest."""
-    specs = [(n, *base_w.meta(n)) for n in names]
+    specs = [(n, dtype if dtype and base_w.meta(n)[0] in _FLOATS else base_w.meta(n)[0], base_w.meta(n)[1]) for n in names]
     writer = SafetensorsWriter(tmp / "model.safetensors", specs, metadata={"format": "pt"})
     try:
         for name, _, merged in _merged_in_order(base_w, sources, names, opts, weights, progress, f"merging ({opts.method})"):

@@ -1,0 +1,123 @@
+"""mergekit's YAML merge configs, read into a Cairn merge (`cairn merge --config FILE.yml`).
+
+Supported, with mergekit's meaning:
+
+    merge_method: ties            # linear (Cairn's average), task_arithmetic, ties, dare_linear, dare_ties
+    base_model: PATH              # optional for linear (the first model then gives the layout)
+    models:
+      - model: PATH               # a HF folder or PEFT adapter folder
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0, weight: ..., density: ...}   # global defaults
+    dtype: bfloat16               # float32 | bfloat16 | float16: the output's floating dtype
+
+Anything else is refused by name: per-layer `slices`, tokenizer and chat-template options,
+gradient (list) parameter values, per-model densities that differ (Cairn keeps one density per
+merge), mergekit-only parameters such as `int8_mask` or `rescale`, and nested model references.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cairn.errors import ConfigError
+from cairn.methods.merging import MergeOptions
+
+METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype")
+GLOBAL_PARAMETERS = ("normalize", "lambda", "weight", "density")
+MODEL_PARAMETERS = ("weight", "density")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a mergekit config asks for, in Cairn's terms."""
+
+    base: str
+    inputs: list[str]
+    weights: list[float]
+    opts: MergeOptions
+    dtype: str | None  # safetensors dtype name of the output's floats; None: the base's
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        kind = "a list (a gradient over layers)" if isinstance(value, list) else repr(value)
+        raise ConfigError(f"{where}: expected a finite number, got {kind}; Cairn supports one value per model and merge")
+    return float(value)
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _refuse_unknown(data: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{where}: key {key!r} is not supported by Cairn's merge (supported: {', '.join(allowed)})")
+
+
+def plan_from_mergekit(data, where: str) -> MergePlan:
+    """The Cairn merge a parsed mergekit config describes; ConfigError naming the key otherwise."""
+    data = _mapping(data, where)
+    _refuse_unknown(data, TOP_LEVEL, where)
+    method = data.get("merge_method")
+    if method not in METHODS:
+        raise ConfigError(f"{where}: merge_method {method!r} is not one Cairn implements (supported: {', '.join(METHODS)})")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{where}: models: expected a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    defaults = _mapping(data.get("parameters"), f"{where}: parameters")
+    _refuse_unknown(defaults, GLOBAL_PARAMETERS, f"{where}: parameters")
+    inputs, weights, densities = [], [], set()
+    for i, entry in enumerate(models):
+        at = f"{where}: models[{i}]"
+        entry = _mapping(entry, at)
+        _refuse_unknown(entry, ("model", "parameters"), at)
+        if not isinstance(entry.get("model"), str) or not entry["model"]:
+            raise ConfigError(f"{at}.model: expected a path to a model or adapter folder, got {entry.get('model')!r} (nested references are not supported)")
+        params = _mapping(entry.get("parameters"), f"{at}.parameters")
+        _refuse_unknown(params, MODEL_PARAMETERS, f"{at}.parameters")
+        inputs.append(entry["model"])
+        weights.append(_number(params.get("weight", defaults.get("weight", 1.0)), f"{at}.parameters.weight"))
+        if "density" in params or "density" in defaults:
+            densities.add(_number(params.get("density", defaults.get("density")), f"{at}.parameters.density"))
+    if len(densities) > 1:
+        raise ConfigError(f"{where}: models have different densities {sorted(densities)}; Cairn's merge keeps one density for all models")
+    base = data.get("base_model") or (inputs[0] if method == "linear" else None)
+    if not isinstance(base, str):
+        raise ConfigError(f"{where}: base_model: expected the path of the model every input was fine-tuned from ({method} needs it)")
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"{where}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
+    options = {"method": METHODS[method], **({"density": densities.pop()} if densities else {})}
+    for key in ("normalize", "lambda"):
+        if key in defaults:
+            options[key] = defaults[key]
+    from cairn.methods.merging import METHODS as CAIRN
+
+    for key in ("density", "lambda"):
+        if key in options and key not in CAIRN[options["method"]].uses:
+            raise ConfigError(f"{where}: {key} does not apply to {method}")
+    try:
+        opts = MergeOptions(**options)
+    except ValidationError as exc:
+        from cairn.validation import config_error
+
+        raise config_error(exc, f"{where}: parameters") from None
+    return MergePlan(base, inputs, weights, opts, DTYPES.get(dtype))
+
+
+def read_mergekit_config(path: str | Path) -> MergePlan:
+    """Read a mergekit YAML file; relative model paths are taken from the current folder, as mergekit does."""
+    from cairn.config import read_yaml
+
+    return plan_from_mergekit(read_yaml(path), str(path))
