@@ -90,6 +90,7 @@ class ExperimentConfig(Strict):
     strategies: list[StrategySpec] = Field(min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     out: str | None = None
+    tracker: Literal["tensorboard", "mlflow", "wandb"] | None = None  # also log to this tool, under OUT/tracking
 
     @model_validator(mode="after")
     def _consistent(self):

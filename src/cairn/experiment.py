@@ -146,6 +146,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
     out = Path(out or cfg.out_dir())
     tasks, probe = cfg.load_tasks()
     names = [t.name for t in tasks]
+    tracker = None
+    if cfg.tracker:
+        from cairn.tracking import open_tracker
+
+        tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
     base, tokenizer = load_model(cfg.base)
     work = Workspace(out / "cache", cfg.base, tokenizer, progress)
     r0, g0 = _score_stage(work, base, tasks, probe)
@@ -164,7 +169,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             history = strategy.reads_history(opts)
             stream = ((v, views[:i]) for i, v in enumerate(views)) if history else iter(views)
             stages = strategy.fn(copy.deepcopy(base), stream, opts, train_cfg, work)
-            model, failure = None, {}
+            model, failure, seen = None, {}, 0
             for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
                 if not history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
@@ -175,6 +180,12 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                 work.notes.clear()
                 atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **notes[-1]})
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
+                if tracker:
+                    from cairn.tracking import log_stage
+
+                    trained = [m["train"]["losses"] for m in map(read_manifest, work.used[seen:]) if m and "train" in m]
+                    log_stage(tracker, f"{spec.name}/seed-{seed}", s, row, names, g, trained)
+                    seen = len(work.used)
                 work.drop_checkpoints()
             del model, stages
             run = {"R": R, "G": G if probe else None, "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)}}
@@ -184,9 +195,15 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                 log(f"{spec.name} seed {seed} diverged at stage {len(R)}: {failure['message']}")
             else:
                 run["summary"], run["final"] = summarize(R, G if probe else [])
+                if tracker:
+                    from cairn.tracking import log_summary
+
+                    log_summary(tracker, f"{spec.name}/seed-{seed}", run["summary"], run["final"])
             runs.setdefault(spec.name, {})[seed] = run
             if any(notes):
                 runs[spec.name][seed]["stages"] = notes
+    if tracker:
+        tracker.finish()
     from cairn.report import build_results
 
     return build_results(cfg, names, runs)
