@@ -43,6 +43,7 @@ class _MergeMethods:
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
     p.add_argument("--metric", choices=["exact", "choice", "rouge_l", "edit_sim", "sari"], help="override the task's metric")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template (instruction-tuned models)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,6 +147,11 @@ def _cmd_train(args) -> None:
         raise ConfigError(f"--seed must be between 0 and {2**32 - 1} (it seeds NumPy), got {args.seed}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
     cfg = _train_config(method=args.method, **{k: v for k, v in overrides.items() if v is not None})
+    if args.chat_template:
+        from cairn.data.chat import as_chat
+        from cairn.models import load_model
+
+        task = as_chat(task, load_model(args.base)[1])
     manifest = train_contribution(args.base, task, cfg, args.out)
     t = manifest["train"]
     print(f"trained {cfg.method} on {task.name}: {t['steps']} steps, final loss {t['losses'][-1]:.4f}, "
@@ -192,6 +198,10 @@ def _cmd_eval(args) -> None:
     if not task.split(args.split):
         raise CairnError(f"task {task.name} has no {args.split!r} examples")
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
+    if args.chat_template:
+        from cairn.data.chat import as_chat
+
+        task = as_chat(task, tokenizer)
     result = evaluate_task(model, tokenizer, task, split=args.split, batch_size=args.batch_size, progress=True)
     print(f"{task.name} {args.split} {task.metric}: {result.score:.4f} (n={result.n})")
     if args.json:

@@ -25,6 +25,7 @@ class TaskSpec(Strict):
     source: str
     metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
     name: str | None = None
+    chat_template: bool | None = None  # wrap prompts in the model's chat template; default: the experiment's
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +92,7 @@ class ExperimentConfig(Strict):
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     out: str | None = None
     tracker: Literal["tensorboard", "mlflow", "wandb"] | None = None  # also log to this tool, under OUT/tracking
+    chat_template: bool = False  # wrap every task's prompts in the model's chat template (a task may say otherwise)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -118,15 +120,19 @@ class ExperimentConfig(Strict):
         except ValidationError as exc:
             raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
 
-    def load_tasks(self) -> tuple[list, object]:
-        """(stream tasks, probe task or None), loaded from their sources."""
+    def load_tasks(self, tokenizer=None) -> tuple[list, object]:
+        """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
+        tasks that use a chat template get their prompts wrapped in it."""
         from cairn.data import load_task
+        from cairn.data.chat import as_chat
 
         def load(spec: TaskSpec):
             source = spec.source
             if self.data_dir and ":" not in source and not Path(source).is_absolute():
                 source = str(Path(self.data_dir) / source)
-            return load_task(source, metric=spec.metric, name=spec.name)
+            task = load_task(source, metric=spec.metric, name=spec.name)
+            chat = self.chat_template if spec.chat_template is None else spec.chat_template
+            return as_chat(task, tokenizer) if chat and tokenizer is not None else task
 
         tasks = [load(t) for t in self.tasks]
         names = [t.name for t in tasks]

@@ -152,6 +152,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
 
         tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
     base, tokenizer = load_model(cfg.base)
+    if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe] if t):
+        tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     work = Workspace(out / "cache", cfg.base, tokenizer, progress)
     r0, g0 = _score_stage(work, base, tasks, probe)
     log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
