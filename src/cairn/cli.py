@@ -140,6 +140,8 @@ def _cmd_train(args) -> None:
     from cairn.data import load_task
     from cairn.training import train_contribution
 
+    if args.task.startswith("lm-eval:"):
+        raise ConfigError(f"--task {args.task}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
     task = load_task(args.task, metric=args.metric)
     if not task.train:
         raise DataError(f"task {task.name} has no 'train' examples")  # checked before loading the model
@@ -195,15 +197,18 @@ def _cmd_eval(args) -> None:
     if args.json is not None and args.json.is_dir():
         raise ConfigError(f"--json {args.json} is a folder; give the path of a file to write")
     task = load_task(args.task, metric=args.metric)
-    if not task.split(args.split):
+    probe = args.task.startswith("lm-eval:")  # lm-eval holds its own data
+    if not probe and not task.split(args.split):
         raise CairnError(f"task {task.name} has no {args.split!r} examples")
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
-    if args.chat_template:
+    if args.chat_template and not probe:
         from cairn.data.chat import as_chat
 
         task = as_chat(task, tokenizer)
     result = evaluate_task(model, tokenizer, task, split=args.split, batch_size=args.batch_size, progress=True)
-    print(f"{task.name} {args.split} {task.metric}: {result.score:.4f} (n={result.n})")
+    print(f"{task.name} {result.split} {task.metric}: {result.score:.4f} (n={result.n})")
+    for row in result.predictions if probe else []:
+        print(f"  {row['task']}: {row['metric']} {row['score']:.4f}")
     if args.json:
         try:
             atomic_write_json(args.json, result.to_dict())

@@ -123,7 +123,7 @@ class ExperimentConfig(Strict):
     def load_tasks(self, tokenizer=None) -> tuple[list, object]:
         """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
         tasks that use a chat template get their prompts wrapped in it."""
-        from cairn.data import load_task
+        from cairn.data import Task, load_task
         from cairn.data.chat import as_chat
 
         def load(spec: TaskSpec):
@@ -131,10 +131,15 @@ class ExperimentConfig(Strict):
             if self.data_dir and ":" not in source and not Path(source).is_absolute():
                 source = str(Path(self.data_dir) / source)
             task = load_task(source, metric=spec.metric, name=spec.name)
+            if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
+                return task
             chat = self.chat_template if spec.chat_template is None else spec.chat_template
             return as_chat(task, tokenizer) if chat and tokenizer is not None else task
 
         tasks = [load(t) for t in self.tasks]
+        for spec, task in zip(self.tasks, tasks):
+            if not isinstance(task, Task):
+                raise ConfigError(f"tasks: {spec.source} is measured by lm-eval and has no training data; it can be the probe, not a task")
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}; give duplicates a `name`")

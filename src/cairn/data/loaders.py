@@ -34,6 +34,14 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     if metric is not None and metric not in METRICS:
         raise DataError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     source = str(source)
+    if source.startswith("lm-eval:"):  # measured by lm-evaluation-harness: a probe, not a Task
+        from cairn.evaluation.lm_eval_probe import parse_probe
+
+        if metric:
+            raise DataError(f"{source}: an lm-eval probe takes each task's own metric (acc_norm, else acc, else exact_match); drop the metric")
+        probe = parse_probe(source)
+        probe.name = name or probe.name
+        return probe
     if source.startswith("pack:"):
         task = _load_pack(source)
     elif source.startswith("probe:"):

@@ -35,7 +35,13 @@ def single_line(task: Task) -> bool:
 
 
 def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_size: int = 32, progress: bool = False) -> EvalResult:
-    """Greedy-decode every prompt of `task`'s split and score it; keeps per-example predictions."""
+    """Greedy-decode every prompt of `task`'s split and score it; keeps per-example predictions.
+    An lm-eval probe is run by lm-evaluation-harness instead (its predictions: one row per task)."""
+    from cairn.evaluation.lm_eval_probe import LmEvalProbe, run_probe
+
+    if isinstance(task, LmEvalProbe):
+        mean, rows = run_probe(task, model, tokenizer)
+        return EvalResult(task.name, task.metric, "lm-eval", len(rows), mean, rows)
     examples = task.split(split)
     preds = generate(
         model,
