@@ -85,7 +85,8 @@ class ExperimentConfig(Strict):
     base: str = DEFAULT_BASE
     data_dir: str | None = None  # relative task paths are read from here (pack:/probe: sources are not)
     tasks: list[TaskSpec] = Field(min_length=1)
-    probe: TaskSpec | None = TaskSpec(source="probe:general")
+    probe: TaskSpec | None = TaskSpec(source="probe:general")  # the headline old-knowledge score, G
+    probes: list[TaskSpec] = Field(default_factory=list)  # further probes, each reported on its own beside G
     setting: Literal["semi", "full"] = "full"
     train: dict = Field(default_factory=dict)
     strategies: list[StrategySpec] = Field(min_length=1)
@@ -120,22 +121,33 @@ class ExperimentConfig(Strict):
         except ValidationError as exc:
             raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
 
-    def load_tasks(self, tokenizer=None) -> tuple[list, object]:
-        """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
-        tasks that use a chat template get their prompts wrapped in it."""
+    def _load(self, spec: TaskSpec, tokenizer=None):
         from cairn.data import Task, load_task
         from cairn.data.chat import as_chat
 
-        def load(spec: TaskSpec):
-            source = spec.source
-            if self.data_dir and ":" not in source and not Path(source).is_absolute():
-                source = str(Path(self.data_dir) / source)
-            task = load_task(source, metric=spec.metric, name=spec.name)
-            if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
-                return task
-            chat = self.chat_template if spec.chat_template is None else spec.chat_template
-            return as_chat(task, tokenizer) if chat and tokenizer is not None else task
+        source = spec.source
+        if self.data_dir and ":" not in source and not Path(source).is_absolute():
+            source = str(Path(self.data_dir) / source)
+        task = load_task(source, metric=spec.metric, name=spec.name)
+        if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
+            return task
+        chat = self.chat_template if spec.chat_template is None else spec.chat_template
+        return as_chat(task, tokenizer) if chat and tokenizer is not None else task
 
+    def load_probes(self, tokenizer=None) -> list:
+        """The further probes (`probes`), loaded as `load_tasks` loads the headline one."""
+        probes = [self._load(p, tokenizer) for p in self.probes]
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"probe names must be unique, got {names}; give duplicates a `name`")
+        return probes
+
+    def load_tasks(self, tokenizer=None) -> tuple[list, object]:
+        """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
+        tasks that use a chat template get their prompts wrapped in it."""
+        from cairn.data import Task
+
+        load = lambda spec: self._load(spec, tokenizer)  # noqa: E731
         tasks = [load(t) for t in self.tasks]
         for spec, task in zip(self.tasks, tasks):
             if not isinstance(task, Task):

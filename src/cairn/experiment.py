@@ -126,11 +126,12 @@ class Workspace:
         }
 
 
-def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None) -> tuple[list[float], float | None]:
+def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, probes: list = ()) -> tuple[list[float], float | None, dict]:
+    """(R row, G, {further probe: score}) of one stage's model."""
     fp = fingerprint(model)
     row = [work.evaluate(model, fp, t).score for t in tasks]
     g = work.evaluate(model, fp, probe).score if probe else None
-    return row, g
+    return row, g, {p.name: work.evaluate(model, fp, p).score for p in probes}
 
 
 def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
@@ -152,10 +153,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
 
         tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
     base, tokenizer = load_model(cfg.base)
-    if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe] if t):
+    if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
+    probes = cfg.load_probes(tokenizer)
     work = Workspace(out / "cache", cfg.base, tokenizer, progress)
-    r0, g0 = _score_stage(work, base, tasks, probe)
+    r0, g0, p0 = _score_stage(work, base, tasks, probe, probes)
     log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
 
     runs: dict[str, dict[int, dict]] = {}
@@ -165,7 +167,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             train_cfg = cfg.train_config(spec, seed)
             work.used = []
             start = time.perf_counter()
-            R, G, notes = [r0], [g0], []
+            R, G, notes, P = [r0], [g0], [], {name: [v] for name, v in p0.items()}
             views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
             opts = spec.typed_options()
             history = strategy.reads_history(opts)
@@ -175,22 +177,26 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
                 if not history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
-                row, g = _score_stage(work, model, tasks, probe)
+                row, g, extra = _score_stage(work, model, tasks, probe, probes)
                 R.append(row)
                 G.append(g)
+                for name, v in extra.items():
+                    P[name].append(v)
                 notes.append(dict(work.notes))
                 work.notes.clear()
-                atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **notes[-1]})
+                atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **({"probes": extra} if extra else {}), **notes[-1]})
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
                 if tracker:
                     from cairn.tracking import log_stage
 
                     trained = [m["train"]["losses"] for m in map(read_manifest, work.used[seen:]) if m and "train" in m]
-                    log_stage(tracker, f"{spec.name}/seed-{seed}", s, row, names, g, trained)
+                    log_stage(tracker, f"{spec.name}/seed-{seed}", s, row, names, g, trained, extra)
                     seen = len(work.used)
                 work.drop_checkpoints()
             del model, stages
             run = {"R": R, "G": G if probe else None, "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)}}
+            if P:
+                run["probes"] = P
             if failure:  # no summary: the stages after the divergence were never trained
                 run.update(summary=None, final=None, diverged={"stage": len(R), "message": failure["message"]})
                 work.notes.clear()

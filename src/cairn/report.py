@@ -34,6 +34,8 @@ def _strategy_entry(by_seed: dict[int, dict]) -> dict:
         "final": {k: mean_ci([s["final"][k] for s in done])["mean"] for k in SUMMARY_KEYS},
         "cost": seeds[0]["cost"] if len(seeds) == 1 else {k: mean_ci([s["cost"][k] for s in seeds])["mean"] for k in seeds[0]["cost"]},
     }
+    if "probes" in seeds[0]:  # further probes, each per stage, averaged over seeds like G
+        entry["probes"] = {name: [sum(v) / len(v) for v in zip(*[s["probes"][name][:depth] for s in scored])] for name in seeds[0]["probes"]}
     if len(seeds) > 1:
         entry["seeds"] = {str(seed): run for seed, run in by_seed.items()}
         entry["aggregate"] = {part: {k: mean_ci([s[part][k] for s in done]) for k in SUMMARY_KEYS} for part in ("summary", "final")}
@@ -95,6 +97,14 @@ def _markdown(results: dict) -> str:
     for part, title in (("summary", "Averaged over stages"), ("final", "At the last stage")):
         out += [f"## {title}", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
         out += ["| " + " | ".join(r) + " |" for r in summary_rows(results, part)]
+        out.append("")
+    extra = sorted({p for s in results["strategies"].values() for p in s.get("probes", {})})
+    if extra:
+        out += ["## Further probes", "", "At the last stage, with the change from the base model in brackets.", "",
+                "| strategy | " + " | ".join(extra) + " |", "|" + "---|" * (len(extra) + 1)]  # fmt: skip
+        for name, s in results["strategies"].items():
+            cells = [f"{v[-1]:.3f} ({v[-1] - v[0]:+.3f})" if (v := s.get("probes", {}).get(p)) else "–" for p in extra]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     diverged = [(name, seed, d) for name, s in results["strategies"].items() for seed, d in s.get("diverged", {}).items()]
     if diverged:

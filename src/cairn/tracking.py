@@ -55,11 +55,13 @@ def open_tracker(kind: str, name: str, folder: Path, config: dict):
     return tracker
 
 
-def log_stage(tracker, run: str, stage: int, row: list[float], tasks: list[str], g: float | None, losses: list[list[float]]) -> None:
-    """One stage: its scores at step = stage, and the loss curve of each training it ran."""
+def log_stage(tracker, run: str, stage: int, row: list[float], tasks: list[str], g: float | None, losses: list[list[float]], probes: dict | None = None) -> None:
+    """One stage: its scores at step = stage (further probes as `RUN/probe/NAME`), and the loss
+    curve of each training it ran."""
     scores = {f"{run}/R/{t}": r for t, r in zip(tasks, row)}
     if g is not None:
         scores[f"{run}/G"] = g
+    scores.update({f"{run}/probe/{name}": v for name, v in (probes or {}).items()})
     tracker.log(scores, step=stage)
     for k, curve in enumerate(losses):
         tag = f"{run}/loss/stage-{stage}" + (f"-{k + 1}" if len(losses) > 1 else "")

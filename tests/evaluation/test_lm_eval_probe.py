@@ -67,9 +67,17 @@ def test_an_experiment_whose_probe_is_an_lm_eval_task(tasks_dir, tmp_path):
     path = tmp_path / "alpha.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"alpha {i}?", "answer": f"a{i}", "split": s}) + "\n" for i in range(4) for s in ("train", "test")))
     source = f"lm-eval:cairn_sums_norm,cairn_sums_acc?include={tasks_dir}"
-    cfg = parse_config({"base": "tiny-random", "tasks": [str(path)], "probe": source, "train": {"epochs": 1, "batch_size": 4},
-                        "strategies": [{"name": "seq", "kind": "sequential"}]})  # fmt: skip
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"beta {i}?", "answer": f"b{i}", "split": "test"}) + "\n" for i in range(3)))
+    cfg = parse_config({"base": "tiny-random", "tasks": [str(path)], "probe": source, "probes": [{"source": str(other), "metric": "edit_sim"}],
+                        "train": {"epochs": 1, "batch_size": 4}, "strategies": [{"name": "seq", "kind": "sequential"}]})  # fmt: skip
     results = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    further = results["strategies"]["seq"]["probes"]["other"]  # a further probe, reported on its own beside G
+    assert len(further) == 2 and all(0 <= v <= 1 for v in further)
+    from cairn.report import write_report
+
+    write_report(results, tmp_path / "run")
+    assert "## Further probes" in (tmp_path / "run" / "summary.md").read_text()
     model, tokenizer = load_model("tiny-random")
     direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["cairn_sums_norm", "cairn_sums_acc"],
                              task_manager=TaskManager(include_path=str(tasks_dir)))["results"]  # fmt: skip
