@@ -293,48 +293,23 @@ def _report_merge(stats: dict, n: int, out: Path) -> None:
 def _cmd_mix(args) -> None:
     from pydantic import ValidationError
 
-    from cairn.errors import ConfigError
-    from cairn.methods.moe import MoeOptions
-    from cairn.models import ModelSpec, resolve_folder
+    from cairn.api import mix
+    from cairn.models import ModelSpec
     from cairn.validation import config_error
 
     _at_least(1, top_k=args.top_k)
     given = {"temperature": args.temperature, "threshold": args.threshold, "granularity": args.granularity}
-    try:
-        opts = MoeOptions(router=args.router, top_k=args.top_k, **{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        raise config_error(exc, "invalid mix option") from None
-    if (args.router == "trained") != bool(args.tasks):
-        raise ConfigError("--tasks goes with --router trained (and only with it): one task source per input, to train the router on")
-    if args.tasks and len(args.tasks) != len(args.inputs):
-        raise ConfigError(f"{len(args.tasks)} --tasks for {len(args.inputs)} inputs: give one task source per input")
-    spec = ModelSpec.parse(args.base)
-    if spec.kind in ("adapter", "moe"):
+    if ModelSpec.parse(args.base).kind in ("adapter", "moe"):
         raise ConfigError(f"--base {args.base} is not a base model; give the full model the inputs were trained from")
     inputs = _resolve_inputs(args.inputs, args.store, args.base)
-    adapters = [(p / "adapter_config.json").is_file() for p in inputs]
-    if any(adapters) and not all(adapters):
-        raise ConfigError("--inputs mixes adapters and full models: a mixture is made of LoRA adapters (LoRA-MoE) or of full fine-tunes (Mixtral), not both")
-    if not all(adapters):
-        from cairn.methods.mixtral import export_mixtral
-
-        if args.router not in ("uniform", "centroid", "random"):
-            raise ConfigError(f"full fine-tunes are mixed into a Mixtral model, whose router is uniform, centroid or random; got --router {args.router}")
-        export_mixtral(resolve_folder(spec), inputs, args.out, router=args.router, top_k=args.top_k, shared=args.shared)
-        print(f"mixed {len(inputs)} full fine-tunes into a Mixtral model (router {args.router}, top-{args.top_k}) -> {args.out}")
-        return
-    from cairn.data import load_task
-    from cairn.methods.moe import attach_experts, save_moe, train_router
-    from cairn.models import load_model
-
-    base, tokenizer = load_model(spec)
-    model = attach_experts(base, inputs, opts)
-    note = ""
-    if args.tasks:
-        losses = train_router(model, tokenizer, [load_task(t) for t in args.tasks], opts, progress=True)
-        note = f", router trained: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    save_moe(model, inputs, opts, args.out, base=args.base)
-    print(f"mixed {len(inputs)} adapters into a LoRA-MoE (router {args.router}, top-{args.top_k}{note}) -> {args.out}")
+    try:
+        out = mix(inputs, args.out, base=args.base, router=args.router, top_k=args.top_k, tasks=args.tasks, shared=args.shared,
+                  **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+    except ValidationError as exc:
+        raise config_error(exc, "invalid mix option") from None
+    lora = all((p / "adapter_config.json").is_file() for p in inputs)
+    what = "adapters into a LoRA-MoE" if lora else "full fine-tunes into a Mixtral model"
+    print(f"mixed {len(inputs)} {what} (router {args.router}, top-{args.top_k}) -> {out}")
 
 
 def _resolve_inputs(inputs: list[str], store_dir: Path, base: str) -> list[Path]:

@@ -170,7 +170,7 @@ def test_cli_mix_and_its_errors(experts, tmp_path, capsys):
     assert "LoRA-MoE" in capsys.readouterr().out
     assert main(["generate", "--model", str(out), "The capital of", "--max-new-tokens", "3"]) == 0
     assert main(["mix", "--base", "tiny-random", "--inputs", str(folders[0]), "--router", "trained", "--out", str(tmp_path / "m2")]) == 4
-    assert "--tasks goes with --router trained" in capsys.readouterr().err
+    assert "tasks (--tasks) go with router 'trained'" in capsys.readouterr().err
     assert main(["mix", "--base", "tiny-random", "--inputs", str(folders[0]), "--router", "centroid", "--top-k", "0", "--out", str(tmp_path / "m2")]) == 4
     assert "--top-k must be at least 1" in capsys.readouterr().err
     bare = tmp_path / "bare"
