@@ -526,7 +526,7 @@ def _sandbox(root: Path) -> None:
 
 
 class _Scores:
-    score, n = 0.5, 1
+    score, n, split, predictions = 0.5, 1, "test", []
 
     def to_dict(self):
         return {"score": self.score, "n": self.n}
