@@ -564,7 +564,7 @@ def _fake_merge_models(base, inputs, out, opts, *, weights=None, adapter_rank=No
     assert adapter_rank is None or adapter_rank >= 1, "the CLI must refuse --rank below 1"
     if weights is not None and len(weights) != len(inputs):  # as merge_models checks before any I/O
         raise ModelError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
-    return {"wall_s": 0.0}
+    return {"wall_s": 0.0, "method": opts.method}
 
 
 def _fake_attach_experts(model, experts, opts, statistics=None):
