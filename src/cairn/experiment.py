@@ -126,12 +126,21 @@ class Workspace:
         }
 
 
+def _per_task(result: EvalResult) -> dict[str, float]:
+    """An lm-eval probe's own tasks' scores, as `PROBE/TASK` (other probes have none)."""
+    return {f"{result.task}/{r['task']}": r["score"] for r in result.predictions} if result.metric == "lm-eval" else {}
+
+
 def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, probes: list = ()) -> tuple[list[float], float | None, dict]:
-    """(R row, G, {further probe: score}) of one stage's model."""
+    """(R row, G, {further probe, or lm-eval probe/task: score}) of one stage's model."""
     fp = fingerprint(model)
     row = [work.evaluate(model, fp, t).score for t in tasks]
-    g = work.evaluate(model, fp, probe).score if probe else None
-    return row, g, {p.name: work.evaluate(model, fp, p).score for p in probes}
+    headline = work.evaluate(model, fp, probe) if probe else None
+    extra = _per_task(headline) if headline else {}
+    for p in probes:
+        result = work.evaluate(model, fp, p)
+        extra = {**extra, p.name: result.score, **_per_task(result)}
+    return row, headline.score if headline else None, extra
 
 
 def _until_diverged(stages: Iterator, failure: dict) -> Iterator:

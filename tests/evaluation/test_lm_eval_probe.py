@@ -84,6 +84,8 @@ def test_an_experiment_whose_probe_is_an_lm_eval_task(tasks_dir, tmp_path):
     expected = (direct["cairn_sums_norm"]["acc_norm,none"] + direct["cairn_sums_acc"]["acc,none"]) / 2
     assert results["strategies"]["seq"]["G"][0] == pytest.approx(expected)
     assert len(results["strategies"]["seq"]["G"]) == 2
+    per_task = results["strategies"]["seq"]["probes"]  # each lm-eval task is reported on its own too
+    assert per_task[f"{cfg.probe.source.split('?')[0]}/cairn_sums_acc"][0] == pytest.approx(direct["cairn_sums_acc"]["acc,none"])
     cached = [json.loads(p.read_text()) for p in (tmp_path / "run" / "cache" / "eval").glob("*.json")]
     rows = next(c["predictions"] for c in cached if c["metric"] == "lm-eval")
     assert [(r["task"], r["metric"].split(",")[0]) for r in rows] == [("cairn_sums_norm", "acc_norm"), ("cairn_sums_acc", "acc")]
