@@ -8,17 +8,12 @@ import cairn.experiment as experiment
 from cairn.config import parse_config
 from cairn.experiment import run_experiment
 from cairn.store import read_manifest
+from conftest import code_tasks
 
 
 def config(tmp_path):
-    def task(name):
-        path = tmp_path / f"{name}.jsonl"
-        rows = [{"prompt": f"Question: {name} code {i}?\nAnswer:", "answer": f"{name[:2]}{i}", "split": s} for i in range(6) for s in ("train", "test")]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
-
     return parse_config({
-        "name": "merge", "base": "tiny-random", "tasks": [task("alpha"), task("beta")], "probe": None, "setting": "semi",
+        "name": "merge", "base": "tiny-random", "tasks": code_tasks(tmp_path), "probe": None, "setting": "semi",
         "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
         "strategies": [{"name": "avg", "kind": "merge", "method": "average"}, {"name": "ties", "kind": "merge", "method": "ties", "density": 0.5, "lambda": 1.5}],
     })  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 from numpy.testing import assert_allclose
 
 from cairn.cli import main
+from conftest import stored_contribution
 from cairn.methods.merge_models import merge_models
 from cairn.methods.merging import MergeOptions, magnitude_mask, magnitude_threshold, merge_tensor
 from cairn.tensor_files import STORAGE, bf16_to_float32, to_storage
@@ -204,26 +205,10 @@ def test_cli_merge_and_its_errors(folders, tmp_path, capsys):
 
 
 def test_cli_merge_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from cairn.data import Example, Task
-    from cairn.models import resolve_folder
-    from cairn.store import Store
-    from cairn.training import TrainConfig, train_contribution
-
-    task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
-    train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)
-    Store(tmp_path / "s").add(tmp_path / "c", "mine")
-    args = ["merge", "--method", "average", "--inputs", "mine", "--store", str(tmp_path / "s")]
+    store, other = stored_contribution(tmp_path)
+    args = ["merge", "--method", "average", "--inputs", "mine", "--store", str(store)]
     assert main([*args, "--base", "tiny-random", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    other = tmp_path / "other-base"
-    shutil.copytree(resolve_folder("tiny-random"), other)
-    weights = load_file(other / "model.safetensors")
-    weights["model.norm.weight"] += 1
-    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     assert main([*args, "--base", str(other), "--out", str(tmp_path / "m2")]) == 5
     assert "was made on a base with fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()

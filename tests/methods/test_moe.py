@@ -10,6 +10,7 @@ from cairn.config import parse_config
 from cairn.methods import centroids
 from cairn.methods.moe import MoeOptions, arrow_prototype, attach_experts, routers, save_moe, train_router
 from cairn.methods.routing import topk_weights
+from conftest import code_tasks, stored_contribution
 
 X = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
@@ -183,14 +184,8 @@ def test_cli_mix_and_its_errors(experts, tmp_path, capsys):
 
 
 def strategy_config(tmp_path, setting="semi", router="centroid", method="lora"):
-    def task(name):
-        path = tmp_path / f"{name}.jsonl"
-        rows = [{"prompt": f"Question: {name} code {i}?\nAnswer:", "answer": f"{name[:2]}{i}", "split": s} for i in range(6) for s in ("train", "test")]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
-
     return parse_config({
-        "name": "moe", "base": "tiny-random", "tasks": [task("alpha"), task("beta")], "probe": None, "setting": setting,
+        "name": "moe", "base": "tiny-random", "tasks": code_tasks(tmp_path), "probe": None, "setting": setting,
         "train": {"method": method, "epochs": 1, "batch_size": 4, "lr": 1e-2},
         "strategies": [{"name": "moe", "kind": "moe", "router": router}, {"name": "ties", "kind": "merge", "method": "ties", "density": 0.5}],
     })  # fmt: skip
@@ -226,27 +221,11 @@ def test_a_trained_router_is_refused_in_the_semi_setting(tmp_path):
 
 
 def test_cli_mix_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from cairn.data import Example, Task
-    from cairn.models import resolve_folder
-    from cairn.store import Store
-    from cairn.training import TrainConfig, train_contribution
-
-    task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
-    train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)
+    store, other = stored_contribution(tmp_path)
     assert (tmp_path / "c" / centroids.FILE).is_file()  # every contribution ships its routing statistics
-    Store(tmp_path / "s").add(tmp_path / "c", "mine")
-    args = ["mix", "--router", "centroid", "--inputs", "mine", "--store", str(tmp_path / "s")]
+    args = ["mix", "--router", "centroid", "--inputs", "mine", "--store", str(store)]
     assert main([*args, "--base", "tiny-random", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "moe.json").is_file()
-    other = tmp_path / "other-base"
-    shutil.copytree(resolve_folder("tiny-random"), other)
-    weights = load_file(other / "model.safetensors")
-    weights["model.norm.weight"] += 1
-    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     assert main([*args, "--base", str(other), "--out", str(tmp_path / "m2")]) == 5
     assert "was made on a base with fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
