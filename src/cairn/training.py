@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -32,6 +33,10 @@ DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
 # (0.1 s to write, against ~1 s a step); an FFT one ~1.5 GB (weights and two AdamW moments, 4-6 s),
 # so every 100 steps (~2.5 min) keeps its cost near 3%.
 DEFAULT_CHECKPOINT_EVERY = {"lora": 20, "fft": 100}
+# Longest example (tokens) trained with eager attention. On CPU, SDPA's backward is slow on short
+# sequences: eager attention trains the bundled model 1.1x-1.3x faster up to 512 tokens
+# (bench/train.py); beyond that its L x L scores cost more memory than they save time.
+EAGER_ATTENTION_UP_TO = 512
 
 
 class TrainConfig(Strict):
@@ -101,6 +106,48 @@ def add_lora(model, cfg: TrainConfig):
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(cfg))
+
+
+@contextmanager
+def frozen_in_bf16(model, enabled: bool):
+    """Hold the frozen weights of linear layers in bfloat16 while training, restoring the originals after.
+
+    Autocast re-casts a frozen weight at every use (it caches only leaves that require grad), so
+    casting them once gives the same numbers for less memory traffic. Embeddings (and an output
+    layer tied to them) stay as they are: the residual stream keeps autocast's float32.
+    """
+    from torch import nn
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    frozen = {
+        id(m.weight): m.weight
+        for m in model.modules()
+        if enabled and isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32 and id(m.weight) not in embeddings
+    }
+    originals = [(p, p.data) for p in frozen.values()]
+    for p, data in originals:
+        p.data = data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for p, data in originals:
+            p.data = data
+
+
+@contextmanager
+def attention_for(model, longest: int):
+    """Eager attention while training on examples of at most `EAGER_ATTENTION_UP_TO` tokens (the
+    model's own choice, usually SDPA, otherwise), restored after."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(causal_lm.config, "_attn_implementation", None)
+    switch = longest <= EAGER_ATTENTION_UP_TO and before not in (None, "eager") and hasattr(causal_lm, "set_attn_implementation")
+    if switch:
+        causal_lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            causal_lm.set_attn_implementation(before)
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -189,7 +236,6 @@ def train(
     # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
-    autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
@@ -197,7 +243,7 @@ def train(
         p.requires_grad_(trainable(name))
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
     features = [encode(ex, tokenizer, cfg.max_length) for ex in examples]
     loader = length_grouped_loader(features, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
     order = loader.sampler.generator
@@ -209,8 +255,8 @@ def train(
         num_training_steps=total,
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    model.train()
-
+    autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    longest = max(len(f["input_ids"]) for f in features)
     result = TrainResult(model=None, trainable_params=sum(p.numel() for p in params), bf16=use_bf16)
     checkpoints = Checkpoints(Path(checkpoint_dir), run_identity(cfg.model_dump(), features, named)) if checkpoint_dir is not None else None
     resume = checkpoints.resume(named, optimizer, scheduler) if checkpoints else None
@@ -221,33 +267,35 @@ def train(
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window = []
-    for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
-        with accelerator.accumulate(model):
-            with autocast():
-                loss, _ = answer_loss(model, batch)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
-            window.append(loss.item())
-            if not math.isfinite(window[-1]):
-                raise _diverged(desc, window[-1], result.steps + 1, total, epoch, cfg, checkpoints)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        result.tokens += int(batch["attention_mask"].sum())
-        if accelerator.sync_gradients:
-            result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20)
-            result.steps += 1
-            result.losses.append(sum(window) / len(window))
-            window.clear()
-            result.wall_s = time.perf_counter() - start
-            bar.set_postfix(epoch=epoch + 1, loss=f"{result.losses[-1]:.3f}", tok_s=f"{result.tokens / result.wall_s:.0f}")
-            bar.update(1)
-            if checkpoints and result.steps % every == 0 and result.steps < total and accelerator.is_main_process:
-                done = {key: getattr(result, key) for key in PROGRESS}
-                checkpoints.save(named, optimizer, scheduler, epoch=epoch, batch=index + 1, order=order_state, progress=done)
+    model.train()
+    with frozen_in_bf16(model, use_bf16), attention_for(model, longest):
+        for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
+            with accelerator.accumulate(model):
+                with autocast():
+                    loss, _ = answer_loss(model, batch)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model)
+                window.append(loss.item())
+                if not math.isfinite(window[-1]):
+                    raise _diverged(desc, window[-1], result.steps + 1, total, epoch, cfg, checkpoints)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            result.tokens += int(batch["attention_mask"].sum())
+            if accelerator.sync_gradients:
+                result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20)
+                result.steps += 1
+                result.losses.append(sum(window) / len(window))
+                window.clear()
+                result.wall_s = time.perf_counter() - start
+                bar.set_postfix(epoch=epoch + 1, loss=f"{result.losses[-1]:.3f}", tok_s=f"{result.tokens / result.wall_s:.0f}")
+                bar.update(1)
+                if checkpoints and result.steps % every == 0 and result.steps < total and accelerator.is_main_process:
+                    done = {key: getattr(result, key) for key in PROGRESS}
+                    checkpoints.save(named, optimizer, scheduler, epoch=epoch, batch=index + 1, order=order_state, progress=done)
     bar.close()
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0

@@ -1,7 +1,8 @@
 import pytest
 
 from cairn.data import Example, Task
-from cairn.evaluation import evaluate_task, generate
+from cairn.evaluation import evaluate_task, generate, generation
+from cairn.evaluation.generation import shared_prefix
 from cairn.evaluation.evaluate import max_new_tokens_for, single_line
 
 PROMPTS = [
@@ -27,6 +28,36 @@ def test_batched_generation_equals_plain_hf_generate(tiny):
     out = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert generate(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3)[2] == expected
+
+
+FEW_SHOT = "Question: What is the capital of Egypt?\nAnswer: Cairo\n\nQuestion: What is the opposite of up?\nAnswer: down\n\n"
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is still read
+    assert shared_prefix([[7, 2], [1, 2]]) == 0
+    assert shared_prefix([[1, 2, 3]]) == 0  # one prompt: nothing to share
+
+
+def test_prompts_with_a_shared_prefix_read_it_once_and_decode_as_alone(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts = [FEW_SHOT + f"Question: {q}\nAnswer:" for q in ("Where was Ada born?", "Hi?", "What is two plus two, and why does it matter?")]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    assert shared_prefix(encoded) >= generation.MIN_SHARED_PREFIX
+    reads = []
+    original = generation.prefix_cache
+    monkeypatch.setattr(generation, "prefix_cache", lambda m, ids, device: reads.append(len(ids)) or original(m, ids, device))
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
+    assert reads == [shared_prefix(encoded)]  # once for both batches
+    alone = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone and any(batched)
+    model.reads_whole_prompt = True  # e.g. a LoRA-MoE routing by the whole prompt
+    try:
+        assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=2) == alone
+    finally:
+        del model.reads_whole_prompt
+    assert len(reads) == 1
 
 
 def test_stop_at_newline_cuts_the_first_line(tiny):

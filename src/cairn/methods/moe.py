@@ -248,6 +248,7 @@ def attach_experts(model, experts: list[Path], opts: MoeOptions, statistics: lis
         parent, _, leaf = module.rpartition(".")
         setattr(model.get_submodule(parent), leaf, LoraExperts(layer, a, b, scale, router))
     model.get_decoder().register_forward_pre_hook(context.hook, with_kwargs=True)  # the decoder: training calls it directly
+    model.reads_whole_prompt = opts.granularity == "sequence"  # generation must not split a prompt (no shared prefix cache)
     model.config.cairn_moe = {"experts": len(experts), **opts.model_dump()}  # enters the model's fingerprint
     for p in model.parameters():
         p.requires_grad_(False)
