@@ -75,6 +75,7 @@ def test_joint_mixtures():
     assert {ex.answer for ex in balanced if ex.answer[0] == "a"} == {f"a{i}" for i in range(10)}
     work = run("joint", tasks, JointOptions(mix="natural"))
     assert [len(t.train) for t in work.trained] == [10, 14] and work.trained[1].name == "a+b"
+    assert work.trained[0] is tasks[0]  # stage 1 trains on the task itself, so its contribution is shared
 
 
 def test_semi_setting_refuses_strategies_that_read_earlier_data():

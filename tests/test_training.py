@@ -5,7 +5,7 @@ import torch
 
 from cairn.data import Example, load_task
 from cairn.data.batching import IGNORE, collate, encode
-from cairn.training import TrainConfig, answer_loss, train, train_contribution
+from cairn.training import EAGER_ATTENTION_UP_TO, TrainConfig, add_lora, answer_loss, attention_for, frozen_in_bf16, train, train_contribution
 
 EXAMPLES = [Example(f"Question: code of item {i}?\nAnswer:", f"Z{i}q") for i in range(8)]
 
@@ -43,6 +43,37 @@ def test_answer_loss_equals_hf_loss(tiny):
     reference = model(**batch).loss
     assert n == int((batch["labels"][:, 1:] != IGNORE).sum())
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_frozen_linear_weights_in_bf16_give_autocasts_numbers_and_come_back():
+    from cairn.models import load_model
+
+    model, tokenizer = load_model("tiny-random")
+    model = add_lora(model, TrainConfig())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = collate([encode(e, tokenizer) for e in EXAMPLES[:4]], tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, _ = answer_loss(model, batch)
+        with frozen_in_bf16(model, True):
+            dtypes = {name: p.dtype for name, p in model.named_parameters()}
+            cast_once, _ = answer_loss(model, batch)
+    assert dtypes["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32  # the residual stream stays float32
+    assert dtypes["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"] == torch.float32  # trained: untouched
+    assert cast_once.item() == reference.item()
+    after = dict(model.named_parameters())
+    assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in before.items())
+
+
+def test_eager_attention_for_short_examples_only_and_restored(tiny):
+    model, _ = tiny
+    before = model.config._attn_implementation
+    assert before != "eager"
+    with attention_for(model, EAGER_ATTENTION_UP_TO):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before
+    with attention_for(model, EAGER_ATTENTION_UP_TO + 1):
+        assert model.config._attn_implementation == before
 
 
 @pytest.mark.parametrize("method, lr", [("lora", 3e-2), ("fft", 1e-3)])

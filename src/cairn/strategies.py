@@ -113,7 +113,8 @@ def joint(model, stream, opts: JointOptions, cfg, work) -> Iterator:
     """At stage s, train from the base model on the union of tasks 1..s."""
     for task, earlier in stream:
         seen = [*earlier, task]
-        union = Task("+".join(t.name for t in seen), task.metric, {"train": joint_mixture(seen, opts.mix, cfg.seed)})
+        # The union of one task is the task: stage 1 shares its contribution with the other strategies.
+        union = Task("+".join(t.name for t in seen), task.metric, {"train": joint_mixture(seen, opts.mix, cfg.seed)}) if earlier else task
         yield work.train(copy.deepcopy(model), union, cfg)
 from cairn.methods import olora as _olora  # noqa: E402,F401  registers "olora"
 from cairn.methods import merge_strategy as _merge  # noqa: E402,F401  registers "merge"

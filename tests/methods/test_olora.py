@@ -96,6 +96,8 @@ def test_olora_stacks_stages_and_a_rerun_reuses_them(tiny, tmp_path, monkeypatch
     work, models = run_olora(tiny, tmp_path, opts)
     first, second = work.used
     assert read_manifest(first)["task"] == "alpha" and read_manifest(second)["task"] == "beta"
+    assert first.parent.name == "olora"  # lambda2 applies from stage 1 on
+    assert run_olora(tiny, tmp_path / "plain", OLoRAOptions())[0].used[0].parent.name == "contributions"  # else stage 1 is the shared LoRA contribution
     assert models[-1].peft_config["default"].r == 2 * CFG.lora_r
     assert work.cost()["tokens"] > 0 and work.cost()["trainable_params"] > 0
 

@@ -32,7 +32,7 @@ def shared_prefix(encoded: list[list[int]]) -> int:
 def prefix_cache(model, ids: list[int], device):
     """The KV cache of `model` after reading `ids` (one sequence)."""
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    return out.past_key_values
+    return out.cache
 
 
 def generate(

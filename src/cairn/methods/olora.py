@@ -121,6 +121,11 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterato
     for s, task in enumerate(stream, 1):
         if model is not None:  # the previous stage's model has been evaluated: reuse its base
             base = model.unload()
+        if prev is None and not opts.lambda2:  # no term applies yet: stage 1 is the task's plain LoRA contribution, shared through the cache
+            prev = work.contribution(base, task, cfg)
+            model = PeftModel.from_pretrained(base, str(prev)).eval()
+            yield model
+            continue
         folder = work.folder("olora", prev.name if prev else base_fp, task.data_hash(), cfg.model_dump(), opts.model_dump(), bf16)
         work.used.append(folder)
         if read_manifest(folder) is None:
