@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cairn-setup
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test bench-merge clean
+.PHONY: setup demo test bench-merge bench-train bench-evaluate clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ $(MERGEKIT):
 
 bench-merge: setup $(MERGEKIT)
 	$(PY) bench/merge.py
+
+# Training throughput against TRL's SFTTrainer (same process) and the machine's matmul ceiling.
+bench-train: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/train.py
+
+# Batched evaluation against a per-example generate loop.
+bench-evaluate: setup
+	$(PY) bench/evaluate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -34,7 +34,7 @@ DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
 # so every 100 steps (~2.5 min) keeps its cost near 3%.
 DEFAULT_CHECKPOINT_EVERY = {"lora": 20, "fft": 100}
 # Longest example (tokens) trained with eager attention. On CPU, SDPA's backward is slow on short
-# sequences: eager attention trains the bundled model 1.1x-1.3x faster up to 512 tokens
+# sequences: eager attention trains the bundled model 1.04x-1.3x faster up to 512 tokens
 # (bench/train.py); beyond that its L x L scores cost more memory than they save time.
 EAGER_ATTENTION_UP_TO = 512
 
@@ -268,7 +268,8 @@ def train(
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window = []
     model.train()
-    with frozen_in_bf16(model, use_bf16), attention_for(model, longest):
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # they own the parameters' storage
+    with frozen_in_bf16(model, use_bf16 and not sharded), attention_for(model, longest):
         for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
             with accelerator.accumulate(model):
                 with autocast():
