@@ -24,7 +24,7 @@ import time
 import torch
 
 from cairn.data import load_task
-from cairn.data.batching import IGNORE, encode
+from cairn.data.batching import IGNORE, continuation, encode
 from cairn.models import DEFAULT_BASE, load_model
 from cairn.training import DEFAULT_LR, TrainConfig, bf16_supported, lora_config, train
 
@@ -63,7 +63,7 @@ def trl_run(base, task, cfg: TrainConfig, bf16: bool, checkpointing: bool) -> di
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = load_model(base)
-    rows = [{"prompt": ex.prompt, "completion": ("" if ex.prompt[-1:].isspace() else " ") + ex.answer} for ex in task.train]
+    rows = [{"prompt": ex.prompt, "completion": continuation(ex)} for ex in task.train]
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,

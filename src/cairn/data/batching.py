@@ -11,15 +11,20 @@ from cairn.data.task import Example
 IGNORE = -100
 
 
+def continuation(example: Example) -> str:
+    """The answer as the text that follows the prompt: with a leading space unless one side has it."""
+    joiner = "" if example.prompt[-1:].isspace() or example.answer[:1].isspace() else " "
+    return joiner + example.answer
+
+
 def encode(example: Example, tokenizer, max_length: int = 1024) -> dict[str, list[int]]:
     """Token ids of prompt + answer + EOS; labels are IGNORE on the prompt so the loss is on the answer.
 
-    The answer gets a leading space when the prompt ends without one, matching how generation
-    continues a prompt. Over-long examples lose prompt tokens from the left, never answer tokens.
+    The answer is its `continuation`, matching how generation continues a prompt. Over-long
+    examples lose prompt tokens from the left, never answer tokens.
     """
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    joiner = "" if example.prompt[-1:].isspace() or example.answer[:1].isspace() else " "
-    answer_ids = tokenizer(joiner + example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(continuation(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     answer_ids = answer_ids[:max_length]
     prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(answer_ids) - max_length) :]
     return {
