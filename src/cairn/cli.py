@@ -155,6 +155,10 @@ def _cmd_train(args) -> None:
 
         task = as_chat(task, load_model(args.base)[1])
     manifest = train_contribution(args.base, task, cfg, args.out)
+    from cairn.distributed import is_main
+
+    if not is_main():  # under `accelerate launch`: the main process reports and evaluates
+        return
     t = manifest["train"]
     print(f"trained {cfg.method} on {task.name}: {t['steps']} steps, final loss {t['losses'][-1]:.4f}, "
           f"{t['tokens']} tokens in {t['wall_s']:.1f}s ({t['tokens_per_s']:.0f} tokens/s) -> {args.out}")
@@ -344,6 +348,8 @@ def _cmd_run(args) -> None:
     from tqdm.auto import tqdm
 
     results = run_experiment(cfg, out, log=tqdm.write)
+    if results is None:  # a process other than the main one under `accelerate launch`
+        return
     write_report(results, out)
     _print_summary(results)
     print(f"report: {out / 'report.html'}")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cairn.config import ExperimentConfig
 from cairn.data.task import Task
+from cairn.distributed import barrier, is_main
 from cairn.errors import TrainingDiverged
 from cairn.evaluation import EvalResult, evaluate_task
 from cairn.evaluation.scores import summarize
@@ -92,11 +93,14 @@ class Workspace:
         start = fingerprint(model)
         folder = self._contribution_folder(start, task, cfg)
         self.used.append(folder)
+        barrier()  # every process sees the same cache: all train, or none
         if read_manifest(folder) is None:
             result = train(
                 model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=self.checkpoints(folder)
             )
-            save_contribution(result, self.tokenizer, task, cfg, folder, base=self.base, base_fingerprint=start)
+            if is_main():
+                save_contribution(result, self.tokenizer, task, cfg, folder, base=self.base, base_fingerprint=start)
+            barrier()  # what is saved can be read by every process
             return result.model
         if cfg.method == "fft":
             return AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -151,13 +155,18 @@ def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
         failure["message"] = str(exc)
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: bool = True, log=print) -> dict:
-    """Run every strategy for every seed; write per-stage rows and return the results dict."""
+def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: bool = True, log=print) -> dict | None:
+    """Run every strategy for every seed; write per-stage rows and return the results dict.
+
+    Under `accelerate launch` every process runs the strategies (their training is split between
+    the processes); only the main one evaluates, writes and returns the results (the others None).
+    """
     out = Path(out or cfg.out_dir())
+    main = is_main()
     tasks, probe = cfg.load_tasks()
     names = [t.name for t in tasks]
     tracker = None
-    if cfg.tracker:
+    if cfg.tracker and main:
         from cairn.tracking import open_tracker
 
         tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
@@ -166,8 +175,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
     work = Workspace(out / "cache", cfg.base, tokenizer, progress)
-    r0, g0, p0 = _score_stage(work, base, tasks, probe, probes)
-    log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
+    r0, g0, p0 = _score_stage(work, base, tasks, probe, probes) if main else ([], None, {})
+    if main:
+        log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
 
     runs: dict[str, dict[int, dict]] = {}
     for seed in cfg.seeds:
@@ -183,9 +193,12 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
             stream = ((v, views[:i]) for i, v in enumerate(views)) if history else iter(views)
             stages = strategy.fn(copy.deepcopy(base), stream, opts, train_cfg, work)
             model, failure, seen = None, {}, 0
-            for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress), 1):
+            for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress or not main), 1):
                 if not history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
+                if not main:  # it trained its share; the main process evaluates and writes
+                    work.notes.clear()
+                    continue
                 row, g, extra = _score_stage(work, model, tasks, probe, probes)
                 R.append(row)
                 G.append(g)
@@ -203,6 +216,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                     seen = len(work.used)
                 work.drop_checkpoints()
             del model, stages
+            if not main:
+                continue
             run = {"R": R, "G": G if probe else None, "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)}}
             if P:
                 run["probes"] = P
@@ -221,6 +236,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
                 runs[spec.name][seed]["stages"] = notes
     if tracker:
         tracker.finish()
+    if not main:
+        return None
     from cairn.report import build_results
 
     return build_results(cfg, names, runs)

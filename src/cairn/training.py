@@ -150,18 +150,55 @@ def attention_for(model, longest: int):
             causal_lm.set_attn_implementation(before)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over answer tokens, computing logits only where a label exists.
+class AnswerLoss(torch.nn.Module):
+    """The causal LM whose forward returns (summed cross-entropy over answer tokens, their count).
 
-    Projecting only the answer positions through the output layer skips most of the
-    vocabulary-sized matmul (prompts are most of the tokens).
+    Only the answer positions go through the output layer, which skips most of the
+    vocabulary-sized matmul (prompts are most of the tokens). Being a module, it is what
+    `accelerator.prepare` wraps, so DDP, FSDP and DeepSpeed see the forward pass they hook into.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # FSDP's auto-wrap reads it
+
+    def forward(self, input_ids, attention_mask, labels):
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the batch's answer tokens, and their count."""
+    total, count = AnswerLoss(model)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return total / max(count, 1), count
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of `batch` the loss is over (answer tokens after the first position)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Process `rank`'s rows of a global batch (every `world`-th row), cut to their own longest.
+
+    Every process draws the same global batches from the seeded loader and trains on its rows, so
+    N processes see exactly the batches one process would. A process left without a row (a last
+    batch smaller than N) gets a row without labels: it joins the gradient sync, adding nothing.
+    """
+    if world == 1:
+        return batch
+    rows = {k: v[rank::world] for k, v in batch.items()}
+    if len(rows["input_ids"]) == 0:
+        rows = {k: v[:1] for k, v in batch.items()}
+        rows["labels"] = torch.full_like(rows["labels"], IGNORE)
+    width = int(rows["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in rows.items()}
 
 
 def _batches(loader, order: torch.Generator, epochs: int, resume: Resume | None) -> Iterator[tuple[int, int, torch.Tensor, dict]]:
@@ -236,6 +273,11 @@ def train(
     # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size < world:
+        from cairn.errors import ConfigError
+
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch, split between {world} processes: it must be at least {world}")
     if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
@@ -254,7 +296,10 @@ def train(
         num_warmup_steps=int(cfg.warmup_ratio * total),
         num_training_steps=total,
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    _deepspeed_micro_batch(accelerator, cfg.batch_size // world)
+    # The loader stays unprepared: each process draws every global batch and keeps its `shard`. So
+    # does the scheduler: prepared, it would step once per process at every optimizer step.
+    loss_of, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
     autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     longest = max(len(f["input_ids"]) for f in features)
     result = TrainResult(model=None, trainable_params=sum(p.numel() for p in params), bf16=use_bf16)
@@ -267,23 +312,30 @@ def train(
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window = []
-    model.train()
+    loss_of.train()
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # they own the parameters' storage
     with frozen_in_bf16(model, use_bf16 and not sharded), attention_for(model, longest):
         for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(loss_of):
+                counted = answer_tokens(batch)
                 with autocast():
-                    loss, _ = answer_loss(model, batch)
-                    if extra_loss is not None:
-                        loss = loss + extra_loss(model)
-                window.append(loss.item())
+                    ce, _ = loss_of(**{k: v.to(accelerator.device) for k, v in shard(batch, rank, world).items()})
+                    # Summed over this process's rows and divided by the global count, times `world`
+                    # because the gradient sync averages: the gradient of one process's mean loss.
+                    loss = ce * world / max(counted, 1)
+                    extra = extra_loss(model) if extra_loss is not None else None
+                    if extra is not None:
+                        loss = loss + extra
+                ce = accelerator.reduce(ce.detach(), "sum") if world > 1 else ce.detach()
+                window.append(ce.item() / max(counted, 1) + (extra.item() if extra is not None else 0.0))
                 if not math.isfinite(window[-1]):
                     raise _diverged(desc, window[-1], result.steps + 1, total, epoch, cfg, checkpoints)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             result.tokens += int(batch["attention_mask"].sum())
             if accelerator.sync_gradients:
@@ -301,8 +353,16 @@ def train(
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0
     model.eval()
-    result.model = accelerator.unwrap_model(model)
+    result.model = model  # the wrapped module's own parameters: the wrappers shared them
     return result
+
+
+def _deepspeed_micro_batch(accelerator, per_process: int) -> None:
+    """Tell DeepSpeed the per-process batch when its config leaves it to us ("auto"): it reads it
+    from a prepared data loader otherwise, and this loop shards batches itself."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
 
 
 def train_contribution(
@@ -312,11 +372,14 @@ def train_contribution(
 
     With `checkpoint_dir`, training checkpoints there every `checkpoint_every` steps (in a subfolder
     per base model) and resumes from it when it holds this run's checkpoint; the folder is removed
-    once the contribution is saved.
+    once the contribution is saved. Under `accelerate launch` every process trains and the main one
+    writes; all return the manifest.
     """
     import shutil
 
+    from cairn.distributed import barrier, is_main
     from cairn.models import load_model
+    from cairn.store import read_manifest
 
     model, tokenizer = load_model(base)
     base_fp = model.cairn_fingerprint
@@ -324,10 +387,12 @@ def train_contribution(
     result = train(
         model, tokenizer, task.train, cfg, progress=progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every
     )
-    manifest = save_contribution(result, tokenizer, task, cfg, out, base=str(base), base_fingerprint=base_fp)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return manifest
+    if is_main():
+        save_contribution(result, tokenizer, task, cfg, out, base=str(base), base_fingerprint=base_fp)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    barrier()  # the other processes return what the main one wrote
+    return read_manifest(out)
 
 
 def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path) -> None:

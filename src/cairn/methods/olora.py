@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from cairn.distributed import barrier, is_main
 from cairn.errors import ConfigError
 from cairn.models import fingerprint
 from cairn.store import read_manifest
@@ -128,6 +129,7 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterato
             continue
         folder = work.folder("olora", prev.name if prev else base_fp, task.data_hash(), cfg.model_dump(), opts.model_dump(), bf16)
         work.used.append(folder)
+        barrier()  # under `accelerate launch`: every process trains, or none
         if read_manifest(folder) is None:
             staged = stage_model(base, prev, cfg, cfg.seed + s)
             result = train(
@@ -142,7 +144,9 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterato
                 checkpoint_dir=work.checkpoints(folder),
             )
             result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
-            save_contribution(result, work.tokenizer, task, cfg, folder, base=work.base, base_fingerprint=base_fp)
+            if is_main():
+                save_contribution(result, work.tokenizer, task, cfg, folder, base=work.base, base_fingerprint=base_fp)
+            barrier()
             model = result.model
         else:
             model = PeftModel.from_pretrained(base, str(folder)).eval()

@@ -1,0 +1,32 @@
+"""Who does what when `accelerate launch` starts several processes.
+
+Every process trains (the loop in `cairn.training` splits each global batch between them); only
+the main process writes files and evaluates, and the others wait for it where they read what it
+wrote. Run alone, there is one process, it is the main one, and waiting is free.
+"""
+
+from __future__ import annotations
+
+
+def _state():
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # A singleton: joins the launcher's process group on first use. ACCELERATE_USE_CPU=1 makes
+    # processes started by `accelerate launch --multi_gpu` join over gloo on a machine without GPUs,
+    # as `Accelerator` does.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def is_main() -> bool:
+    """True in the process that writes and evaluates (the only one when not launched)."""
+    return _state().is_main_process
+
+
+def processes() -> int:
+    return _state().num_processes
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    _state().wait_for_everyone()
