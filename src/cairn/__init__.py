@@ -1,10 +1,10 @@
 """Cairn: add knowledge to an LLM contribution by contribution, and measure what it keeps.
 
-The Python API (`cairn.run`, `cairn.train`, `cairn.evaluate`, `cairn.merge`, `cairn.mix`) lives in
+The Python API (`cairn.run`, `cairn.sweep`, `cairn.train`, `cairn.evaluate`, `cairn.merge`, `cairn.mix`) lives in
 `cairn.api`; it is imported on first use, so `import cairn` stays light.
 """
 
-API = ("run", "train", "evaluate", "merge", "mix")
+API = ("run", "sweep", "train", "evaluate", "merge", "mix")
 
 
 def __getattr__(name: str):

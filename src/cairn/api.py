@@ -2,6 +2,7 @@
 
     import cairn
     results = cairn.run("configs/quickstart.yaml", out="runs/qs")          # = cairn run
+    table = cairn.sweep("configs/olora-lambda.yaml", seeds=[0, 1])       # = cairn sweep
     cairn.train("pack:people", "runs/people", epochs=4)                  # = cairn train
     cairn.evaluate("runs/people", "pack:people").score                   # = cairn eval
     cairn.merge(["runs/people", "runs/countries"], "runs/m", base="bundled:smollm2-135m", method="ties", density=0.5)
@@ -30,22 +31,38 @@ def _task(task, tokenizer=None, chat_template: bool = False):
 def run(config=None, out: str | Path | None = None, *, progress: bool = True, log=print) -> dict:
     """Run an experiment (a YAML path, a dict, an `ExperimentConfig`, or None for the
     quickstart), write its report into `out` (default: the config's) and return the results."""
-    from cairn.config import ExperimentConfig, load_config, parse_config, quickstart
+    from cairn.config import quickstart
     from cairn.experiment import run_experiment
     from cairn.report import write_report
 
-    if config is None:
-        cfg = quickstart()
-    elif isinstance(config, ExperimentConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = parse_config(config)
-    else:
-        cfg = load_config(config)
+    cfg = quickstart() if config is None else _config(config)
     out = Path(out or cfg.out_dir())
     results = run_experiment(cfg, out, progress=progress, log=log)
-    write_report(results, out)
+    if results is not None:  # None in the other processes under `accelerate launch`
+        write_report(results, out)
     return results
+
+
+def _config(config):
+    from cairn.config import ExperimentConfig, load_config, parse_config
+
+    if isinstance(config, ExperimentConfig):
+        return config
+    return parse_config(config) if isinstance(config, dict) else load_config(config)
+
+
+def sweep(config, out: str | Path | None = None, *, grid: dict | None = None, seeds: list[int] | None = None, orders: int | None = None,
+          progress: bool = True, log=print) -> dict:
+    """Run a sweep (= cairn sweep): the config's `sweep:` section, with `grid` ({"strategies.NAME.KEY":
+    [values]}), `seeds` and `orders` overriding it; returns the aggregated sweep dict."""
+    from cairn.config import SweepSpec
+    from cairn.sweep import run_sweep
+
+    cfg = _config(config)
+    spec = (cfg.sweep or SweepSpec()).model_dump()
+    spec["set"] = {**spec["set"], **(grid or {})}
+    spec.update({k: v for k, v in {"seeds": seeds, "orders": orders}.items() if v is not None})
+    return run_sweep(cfg, SweepSpec.model_validate(spec), Path(out) if out else None, progress=progress, log=log)
 
 
 def train(task, out: str | Path, *, base: str = DEFAULT_BASE, chat_template: bool = False, progress: bool = True, **options) -> dict:

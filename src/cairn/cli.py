@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (refused if the run folder holds none); a plain rerun resumes too")
 
+    p = sub.add_parser("sweep", help="run an experiment over a grid of strategy settings x seeds x task orders; mean and 95% CI per grid point")
+    p.add_argument("config", type=Path, help="experiment YAML; its `sweep:` section gives the defaults of the options below")
+    p.add_argument("--set", action="append", default=[], metavar="strategies.NAME.KEY=V1,V2,...",
+                   help="values of one strategy setting (an option, or train.FIELD); repeat for a grid")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the sweep's, else the config's)")
+    p.add_argument("--orders", type=int, help="task orders: the config's, then K-1 other seeded permutations (default 1)")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
+
     p = sub.add_parser("report", help="re-render the report of a run folder from its results.json")
     p.add_argument("dir", type=Path)
 
@@ -360,6 +368,52 @@ def _cmd_run(args) -> None:
         raise TrainingDiverged(f"training diverged in {', '.join(diverged)} (see {out / 'summary.md'}); the other strategies' results are complete")
 
 
+def _cmd_sweep(args) -> None:
+    from tqdm.auto import tqdm
+
+    from cairn.config import SweepSpec, load_config
+    from cairn.sweep import experiments, parse_set, run_sweep
+    from cairn.validation import config_error
+
+    cfg = load_config(args.config)
+    spec = (cfg.sweep or SweepSpec()).model_dump()
+    spec["set"] = {**spec["set"], **dict(parse_set(text) for text in args.set)}
+    if args.seeds is not None:
+        try:
+            spec["seeds"] = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if args.orders is not None:
+        spec["orders"] = args.orders
+    from pydantic import ValidationError
+
+    try:
+        sweep = SweepSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise config_error(exc, "sweep options") from None
+    experiments(cfg, sweep)  # every grid point and order must be a valid experiment before anything runs
+    out = args.out or cfg.out_dir()
+    summary = run_sweep(cfg, sweep, out, log=tqdm.write)
+    if summary is None:  # a process other than the main one under `accelerate launch`
+        return
+    _print_sweep(summary)
+    print(f"sweep: {out / 'sweep.md'}")
+
+
+def _print_sweep(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cairn.report import HEADLINE
+    from cairn.sweep import format_stat
+
+    runs = len(summary["seeds"]) * len(summary["orders"])
+    table = Table("variant", "runs", *HEADLINE, title=f"{summary['name']} sweep: at the last stage, mean ± 95% CI over {runs} run(s)")
+    for row in summary["rows"]:
+        table.add_row(row["variant"], str(row["runs"]), *[format_stat(row["final"][k]) for k in HEADLINE])
+    Console().print(table)
+
+
 def _cmd_report(args) -> None:
     from cairn.report import load_results, write_report
 
@@ -452,6 +506,7 @@ COMMANDS = {
     "merge": _cmd_merge,
     "mix": _cmd_mix,
     "run": _cmd_run,
+    "sweep": _cmd_sweep,
     "report": _cmd_report,
     "store": _cmd_store,
     "data": _cmd_data,

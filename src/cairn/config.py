@@ -78,6 +78,22 @@ class StrategySpec(BaseModel):
         return STRATEGIES[self.kind].options(**self.options)
 
 
+class SweepSpec(Strict):
+    """What `cairn sweep` varies: strategy settings (a grid), seeds and task orders."""
+
+    set: dict[str, list] = Field(default_factory=dict, description="strategies.NAME.KEY -> values; each strategy's keys form a grid")
+    seeds: list[Seed] | None = Field(None, min_length=1, description="default: the experiment's seeds")
+    orders: int = Field(1, ge=1, description="the config's task order, then orders - 1 other permutations")
+    order_seed: int = Field(0, ge=0, description="seeds the draw of the other task orders")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds):
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
+
+
 class ExperimentConfig(Strict):
     """Base model x task stream x strategies x seeds."""
 
@@ -94,6 +110,7 @@ class ExperimentConfig(Strict):
     out: str | None = None
     tracker: Literal["tensorboard", "mlflow", "wandb"] | None = None  # also log to this tool, under OUT/tracking
     chat_template: bool = False  # wrap every task's prompts in the model's chat template (a task may say otherwise)
+    sweep: SweepSpec | None = None  # what `cairn sweep` varies (`cairn run` runs the config as it is)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -111,6 +128,13 @@ class ExperimentConfig(Strict):
                     f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
                     "does not keep; use setting: full, or a semi-collaborative strategy"
                 )
+        if self.sweep is not None:  # every grid point and task order must give a valid experiment
+            from cairn.sweep import experiments
+
+            try:
+                experiments(self, self.sweep)
+            except ConfigError as exc:
+                raise ValueError(f"sweep: {exc}") from None
         return self
 
     def train_config(self, strategy: StrategySpec, seed: int) -> TrainConfig:

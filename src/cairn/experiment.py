@@ -155,11 +155,12 @@ def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
         failure["message"] = str(exc)
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: bool = True, log=print) -> dict | None:
+def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Path | None = None, progress: bool = True, log=print) -> dict | None:
     """Run every strategy for every seed; write per-stage rows and return the results dict.
 
     Under `accelerate launch` every process runs the strategies (their training is split between
     the processes); only the main one evaluates, writes and returns the results (the others None).
+    Shared work is cached under `cache` (default `OUT/cache`).
     """
     out = Path(out or cfg.out_dir())
     main = is_main()
@@ -174,7 +175,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, progress: 
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
-    work = Workspace(out / "cache", cfg.base, tokenizer, progress)
+    work = Workspace(Path(cache) if cache else out / "cache", cfg.base, tokenizer, progress)
     r0, g0, p0 = _score_stage(work, base, tasks, probe, probes) if main else ([], None, {})
     if main:
         log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))

@@ -151,7 +151,7 @@ def _plots(results: dict, out: Path) -> list[str]:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="test score")
     fig.suptitle("R[s][j]: score on task j (columns) after stage s (rows)")
-    files.append(_save(fig, out / "heatmaps.png"))
+    files.append(save_png(fig, out / "heatmaps.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name in names:
@@ -170,7 +170,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    files.append(_save(fig, out / "knowledge_per_stage.png"))
+    files.append(save_png(fig, out / "knowledge_per_stage.png"))
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(HEADLINE)), 3.8))
     names = [name for name in names if not all_diverged(results, name)]  # no summary to draw
@@ -186,11 +186,11 @@ def _plots(results: dict, out: Path) -> list[str]:
     ax.set_title("final stage summary")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    files.append(_save(fig, out / "summary_final.png"))
+    files.append(save_png(fig, out / "summary_final.png"))
     return files
 
 
-def _save(fig, path: Path) -> str:
+def save_png(fig, path: Path) -> str:
     """Render to memory, then write atomically."""
     import matplotlib.pyplot as plt
 

@@ -66,7 +66,7 @@ def sequential(model, stream, opts: SequentialOptions, cfg, work) -> Iterator:
 
 
 class ReplayOptions(Strict):
-    rate: float = Field(0.1, gt=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task")
+    rate: float = Field(0.1, ge=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task (0: sequential training, the control)")
 
 
 def replay_sample(n_from: int, k: int, rng: random.Random) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -272,7 +272,9 @@ def train(
     use_bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
     # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    # Gradient accumulation is counted here, per epoch (an epoch's last batch always steps):
+    # accelerate's own counting needs a prepared data loader, and this loop shards batches itself.
+    accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size < world:
         from cairn.errors import ConfigError
@@ -316,8 +318,9 @@ def train(
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # they own the parameters' storage
     with frozen_in_bf16(model, use_bf16 and not sharded), attention_for(model, longest):
         for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
-            with accelerator.accumulate(loss_of):
-                counted = answer_tokens(batch)
+            step = (index + 1) % cfg.grad_accum == 0 or index + 1 == len(loader)
+            counted = answer_tokens(batch)
+            with nullcontext() if step else accelerator.no_sync(loss_of):
                 with autocast():
                     ce, _ = loss_of(**{k: v.to(accelerator.device) for k, v in shard(batch, rank, world).items()})
                     # Summed over this process's rows and divided by the global count, times `world`
@@ -330,15 +333,14 @@ def train(
                 window.append(ce.item() / max(counted, 1) + (extra.item() if extra is not None else 0.0))
                 if not math.isfinite(window[-1]):
                     raise _diverged(desc, window[-1], result.steps + 1, total, epoch, cfg, checkpoints)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.backward(loss / cfg.grad_accum)
+            result.tokens += int(batch["attention_mask"].sum())
+            if step:
+                if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            result.tokens += int(batch["attention_mask"].sum())
-            if accelerator.sync_gradients:
                 result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20)
                 result.steps += 1
                 result.losses.append(sum(window) / len(window))
