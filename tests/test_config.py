@@ -75,6 +75,26 @@ def test_trace_config_reads_its_stream_from_data_dir(monkeypatch):
     assert [t.name for t in tasks] == ["NumGLUE-cm", "NumGLUE-ds", "FOMC", "ScienceQA"]
     assert [t.metric for t in tasks] == ["exact", "exact", "choice", "choice"]
     assert probe.name == "probe:general"
+    assert [(len(t.train), len(t.test)) for t in tasks] == [(100, 50)] * 4  # its limits
+    assert len({s.kind for s in cfg.strategies}) == 6  # every strategy kind
+
+
+def test_a_task_limit_keeps_a_seeded_sample_of_each_named_split_in_order(tmp_path):
+    import json
+
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}", "split": split} for i in range(30) for split in ("train", "test")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config({**QUICKSTART, "tasks": [{"source": str(tmp_path / "t.jsonl"), "limit": {"train": 10}}]})
+    (task,), _ = cfg.load_tasks()
+    assert len(task.train) == 10 and len(task.test) == 30
+    numbers = [int(ex.prompt[1:]) for ex in task.train]
+    assert numbers == sorted(numbers) and numbers != list(range(10))  # a sample, in the file's order
+    (again,), _ = cfg.load_tasks()
+    assert again.train == task.train  # seeded
+    with pytest.raises(ConfigError, match="limit.train: Input should be greater than or equal to 1"):
+        parse_config({**QUICKSTART, "tasks": [{"source": "pack:people", "limit": {"train": 0}}]})
+    with pytest.raises(ConfigError, match="limit.dev"):
+        parse_config({**QUICKSTART, "tasks": [{"source": "pack:people", "limit": {"dev": 5}}]})
 
 
 @pytest.mark.parametrize("change, messages", [

@@ -26,6 +26,7 @@ class TaskSpec(Strict):
     metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
     name: str | None = None
     chat_template: bool | None = None  # wrap prompts in the model's chat template; default: the experiment's
+    limit: dict[Literal["train", "eval", "test"], Annotated[int, Field(ge=1)]] | None = None  # at most N examples of a split (a seeded sample)
 
     @model_validator(mode="before")
     @classmethod
@@ -154,7 +155,11 @@ class ExperimentConfig(Strict):
             source = str(Path(self.data_dir) / source)
         task = load_task(source, metric=spec.metric, name=spec.name)
         if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
+            if spec.limit:
+                raise ConfigError(f"{spec.source}: an lm-eval probe runs lm-eval's own task; it takes no limit")
             return task
+        if spec.limit:
+            task = task.limited(spec.limit)
         chat = self.chat_template if spec.chat_template is None else spec.chat_template
         return as_chat(task, tokenizer) if chat and tokenizer is not None else task
 

@@ -1,6 +1,8 @@
 """One training loop for full fine-tuning (FFT) and LoRA, with answer-only loss.
 
-Built on accelerate, so `accelerate launch` runs the same loop on several devices. Extra loss
+Built on accelerate: under `accelerate launch` (data parallel, DDP on GPUs or gloo on CPUs) every
+process draws the same global batches and trains on its rows of each, so N processes follow the
+loss curve of one (tests/distributed); `batch_size` is the global batch. Extra loss
 terms (regularisers of later methods) plug in through `extra_loss(model) -> tensor`. Given a
 checkpoint folder, the loop checkpoints itself every few optimizer steps and resumes from the
 folder's checkpoint (see `cairn.checkpoints`); a NaN or infinite loss stops it with
@@ -155,14 +157,12 @@ class AnswerLoss(torch.nn.Module):
 
     Only the answer positions go through the output layer, which skips most of the
     vocabulary-sized matmul (prompts are most of the tokens). Being a module, it is what
-    `accelerator.prepare` wraps, so DDP, FSDP and DeepSpeed see the forward pass they hook into.
+    `accelerator.prepare` wraps, so DDP sees the forward pass it hooks its gradient sync into.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # FSDP's auto-wrap reads it
 
     def forward(self, input_ids, attention_mask, labels):
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -276,10 +276,7 @@ def train(
     # accelerate's own counting needs a prepared data loader, and this loop shards batches itself.
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size < world:
-        from cairn.errors import ConfigError
-
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch, split between {world} processes: it must be at least {world}")
+    _check_distribution(accelerator, cfg)
     if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
@@ -298,7 +295,6 @@ def train(
         num_warmup_steps=int(cfg.warmup_ratio * total),
         num_training_steps=total,
     )
-    _deepspeed_micro_batch(accelerator, cfg.batch_size // world)
     # The loader stays unprepared: each process draws every global batch and keeps its `shard`. So
     # does the scheduler: prepared, it would step once per process at every optimizer step.
     loss_of, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
@@ -315,8 +311,7 @@ def train(
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window = []
     loss_of.train()
-    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # they own the parameters' storage
-    with frozen_in_bf16(model, use_bf16 and not sharded), attention_for(model, longest):
+    with frozen_in_bf16(model, use_bf16), attention_for(model, longest):
         for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
             step = (index + 1) % cfg.grad_accum == 0 or index + 1 == len(loader)
             counted = answer_tokens(batch)
@@ -359,12 +354,22 @@ def train(
     return result
 
 
-def _deepspeed_micro_batch(accelerator, per_process: int) -> None:
-    """Tell DeepSpeed the per-process batch when its config leaves it to us ("auto"): it reads it
-    from a prepared data loader otherwise, and this loop shards batches itself."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+def _check_distribution(accelerator, cfg: TrainConfig) -> None:
+    """Refuse what this loop cannot do under `accelerate launch`, before any work: sharded
+    parameters, and a global batch smaller than the number of processes."""
+    from cairn.errors import ConfigError
+
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate config: distributed_type {kind} shards the parameters, which Cairn does not support yet (saving a "
+            "contribution, its routing statistics and the evaluation read the whole model in one process); use data "
+            "parallelism (distributed_type: MULTI_GPU, or MULTI_CPU), see docs/distributed.md"
+        )
+    if cfg.batch_size < accelerator.num_processes:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch, split between {accelerator.num_processes} processes: it must be at least {accelerator.num_processes}"
+        )
 
 
 def train_contribution(

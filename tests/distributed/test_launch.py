@@ -91,3 +91,25 @@ def test_cairn_run_under_two_processes_trains_together_and_writes_once(tmp_path)
     assert len(curves("one")) == 4  # alpha from the base (shared by all three); beta after it (seq), orthogonal to it (olora), from the base (avg)
     for (task_a, a), (task_b, b) in zip(curves("one"), curves("two"), strict=True):
         assert task_a == task_b and b == pytest.approx(a, rel=TOLERANCE[False])
+
+
+@pytest.mark.parametrize(
+    "kind, processes, batch_size, message",
+    [
+        ("FSDP", 2, 16, "distributed_type FSDP shards the parameters, which Cairn does not support yet"),
+        ("DEEPSPEED", 2, 16, "distributed_type DEEPSPEED shards"),
+        ("MULTI_CPU", 4, 3, "batch_size 3 is the global batch, split between 4 processes: it must be at least 4"),
+    ],
+)
+def test_what_the_loop_cannot_do_distributed_is_refused_before_any_work(kind, processes, batch_size, message):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cairn.errors import ConfigError
+    from cairn.training import TrainConfig, _check_distribution
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=processes)
+    with pytest.raises(ConfigError, match=message):
+        _check_distribution(accelerator, TrainConfig(batch_size=batch_size))
+    _check_distribution(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2), TrainConfig(batch_size=2))  # fine
