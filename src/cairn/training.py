@@ -350,7 +350,7 @@ def train(
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0
     model.eval()
-    result.model = model  # the wrapped module's own parameters: the wrappers shared them
+    result.model = model  # trained in place: the DDP wrapper shares its parameters
     return result
 
 
