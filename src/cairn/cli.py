@@ -408,7 +408,10 @@ def _print_sweep(summary: dict) -> None:
     from cairn.sweep import format_stat
 
     runs = len(summary["seeds"]) * len(summary["orders"])
-    table = Table("variant", "runs", *HEADLINE, title=f"{summary['name']} sweep: at the last stage, mean ± 95% CI over {runs} run(s)")
+    table = Table(title=f"{summary['name']} sweep: at the last stage, mean ± 95% CI over {runs} run(s)")
+    table.add_column("variant", no_wrap=True)  # the names tell the grid points apart: never cut them
+    for header in ("runs", *HEADLINE):
+        table.add_column(header)
     for row in summary["rows"]:
         table.add_row(row["variant"], str(row["runs"]), *[format_stat(row["final"][k]) for k in HEADLINE])
     Console().print(table)
