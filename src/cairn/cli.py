@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (refused if the run folder holds none); a plain rerun resumes too")
 
-    p = sub.add_parser("sweep", help="run an experiment over a grid of strategy settings x seeds x task orders; mean and 95% CI per grid point")
+    p = sub.add_parser("sweep", help="run an experiment over a grid of strategy settings x seeds x task orders; mean and 95%% CI per grid point")
     p.add_argument("config", type=Path, help="experiment YAML; its `sweep:` section gives the defaults of the options below")
     p.add_argument("--set", action="append", default=[], metavar="strategies.NAME.KEY=V1,V2,...",
                    help="values of one strategy setting (an option, or train.FIELD); repeat for a grid")
