@@ -30,3 +30,10 @@ def processes() -> int:
 def barrier() -> None:
     """Wait until every process gets here (nothing to wait for in a single process)."""
     _state().wait_for_everyone()
+
+
+def main_writes(write) -> None:
+    """Call `write()` in the main process only; every process goes on once it is done."""
+    if is_main():
+        write()
+    barrier()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from cairn.distributed import main_writes
 from cairn.methods.merge_models import merge_models
 from cairn.methods.merging import MergeOptions
 from cairn.models import resolve_folder
@@ -22,6 +23,6 @@ def merge(model, stream, opts: MergeOptions, cfg, work) -> Iterator:
     for task in stream:
         contributions.append(work.contribution(model, task, cfg))
         out = work.folder("merges", [c.name for c in contributions], opts.model_dump())
-        if read_manifest(out) is None:
-            merge_models(base_dir, contributions, out, opts, progress=work.progress)
+        # The check is the main process's too: another one could see the merge half-written.
+        main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, opts, progress=work.progress))
         yield AutoModelForCausalLM.from_pretrained(out).eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Iterator
 
+from cairn.distributed import main_writes
 from cairn.errors import ConfigError
 from cairn.methods import centroids
 from cairn.methods.moe import MoeOptions, attach_experts, train_router
@@ -19,13 +20,17 @@ def routing_statistics(work, model, contribution, task) -> dict:
     from its own task's prompts (the stage still holds that task's data) and cached."""
     if (contribution / centroids.FILE).is_file():
         return centroids.load(contribution)
-    folder = work.folder("centroids", contribution.name, "read by the base")
-    if not (folder / centroids.FILE).is_file():
-        from cairn.methods.merge_models import read_lora
+    from cairn.methods.merge_models import read_lora
 
-        stats = centroids.input_statistics(model, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
-        folder.mkdir(parents=True, exist_ok=True)
-        centroids.save(stats, folder, len(task.train))
+    folder = work.folder("centroids", contribution.name, "read by the base")
+
+    def compute():
+        if not (folder / centroids.FILE).is_file():
+            stats = centroids.input_statistics(model, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
+            folder.mkdir(parents=True, exist_ok=True)
+            centroids.save(stats, folder, len(task.train))
+
+    main_writes(compute)
     return centroids.load(folder)
 
 
@@ -63,6 +68,8 @@ def _mixtral(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
         if opts.router == "centroid" and not (experts[-1] / centroids.FILE).is_file():
             raise ConfigError(f"{experts[-1]} has no routing statistics; retrain it with this version of Cairn")
         out = work.folder("mixtral", [e.name for e in experts], opts.model_dump())
-        if read_manifest(out) is None:
-            export_mixtral(base_dir, experts, out, router=opts.router, top_k=min(opts.top_k, len(experts)), seed=opts.seed, progress=work.progress)
+        main_writes(
+            lambda: read_manifest(out) is not None
+            or export_mixtral(base_dir, experts, out, router=opts.router, top_k=min(opts.top_k, len(experts)), seed=opts.seed, progress=work.progress)
+        )
         yield AutoModelForCausalLM.from_pretrained(out).eval()
