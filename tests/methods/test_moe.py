@@ -201,6 +201,24 @@ def test_moe_strategy_reuses_the_merge_contributions_and_ships_their_statistics(
     assert len(results["strategies"]["moe"]["R"]) == 3 and results["strategies"]["moe"]["summary"]["new"] is not None
 
 
+def test_a_contribution_without_statistics_gets_them_from_its_task_once(tmp_path, tiny):
+    from cairn.data import Example, Task
+    from cairn.experiment import Workspace
+    from cairn.methods.moe_strategy import routing_statistics
+    from cairn.training import TrainConfig, train_contribution
+
+    task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
+    train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)
+    shipped = centroids.load(tmp_path / "c")
+    (tmp_path / "c" / centroids.FILE).unlink()  # as one saved by an older Cairn
+    work = Workspace(tmp_path / "cache", "tiny-random", tiny[1], progress=False)
+    computed = routing_statistics(work, tiny[0], tmp_path / "c", task)
+    assert computed.keys() == shipped.keys() and all(torch.allclose(computed[k], shipped[k], atol=1e-5) for k in shipped)
+    assert len(list((tmp_path / "cache" / "centroids").rglob(centroids.FILE))) == 1
+    again = routing_statistics(work, tiny[0], tmp_path / "c", Task("t", "exact"))  # read from the cache: no prompts needed
+    assert all(torch.equal(again[k], computed[k]) for k in computed)
+
+
 def test_moe_strategy_over_full_fine_tunes_exports_mixtral_models(tmp_path):
     from cairn.experiment import run_experiment
 
