@@ -69,6 +69,23 @@ def test_stop_at_newline_cuts_the_first_line(tiny):
         assert f.startswith(c)
 
 
+def test_first_character_stops_each_prompt_once_it_has_one_and_keeps_the_choice(tiny):
+    from cairn.evaluation.metrics import score
+
+    model, tokenizer = tiny
+    full = generate(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=2)
+    short = generate(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=2, first_character=True)
+    for f, c in zip(full, short):
+        assert f.startswith(c) and len(c) <= len(f)
+        assert score("choice", c, f) == score("choice", f, f)  # the same first non-space character
+    assert sum(map(len, short)) < sum(map(len, full))  # it did stop early
+    # A choice task is generated so, and scores as the whole text would.
+    task = Task("c", "choice", {"test": [Example(p, f or "x") for p, f in zip(PROMPTS, full)]})
+    result = evaluate_task(model, tokenizer, task)
+    assert [r["prediction"] for r in result.predictions] == short
+    assert result.score == pytest.approx(sum(score("choice", f, f or "x") for f in full) / len(full))
+
+
 def test_evaluate_task_keeps_predictions_and_sizes_generation(tiny):
     model, tokenizer = tiny
     task = Task("t", "exact", {"test": [Example(p, "x") for p in PROMPTS], "train": [Example("p", "a b c d e f g h")]})

@@ -50,6 +50,7 @@ def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_si
         max_new_tokens=max_new_tokens_for(task, tokenizer),
         batch_size=batch_size,
         stop_at_newline=single_line(task),
+        first_character=task.metric == "choice",  # the choice metric reads the first non-space character only
         progress=progress,
     )
     rows = [

@@ -12,7 +12,7 @@ import copy
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 # Fewest shared tokens worth a cached prefix: below this, copying the cache costs about what it saves.
 MIN_SHARED_PREFIX = 16
@@ -35,6 +35,17 @@ def prefix_cache(model, ids: list[int], device):
     return out.cache
 
 
+class FirstCharacter(StoppingCriteria):
+    """Done for a row once the text it generated holds a non-space character."""
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([bool(t.strip()) for t in texts], device=input_ids.device)
+
+
 def generate(
     model,
     tokenizer,
@@ -43,9 +54,11 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     stop_at_newline: bool = False,
+    first_character: bool = False,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions of `prompts` (special tokens dropped, cut at the first newline if asked).
+    """Greedy completions of `prompts` (special tokens dropped, cut at the first newline if asked;
+    with `first_character`, each stops once it holds a non-space character: all a choice reads).
 
     A model that must see each prompt whole in one pass (a LoRA-MoE routing by the whole prompt
     sets `reads_whole_prompt`) gets no shared prefix."""
@@ -83,6 +96,8 @@ def generate(
             if cache is not None:
                 extra["cache"] = copy.deepcopy(cache)
                 extra["cache"].batch_repeat_interleave(len(batch))
+            if first_character:
+                extra["stopping_criteria"] = StoppingCriteriaList([FirstCharacter(tokenizer, width)])
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
