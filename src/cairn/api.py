@@ -55,14 +55,10 @@ def sweep(config, out: str | Path | None = None, *, grid: dict | None = None, se
           progress: bool = True, log=print) -> dict:
     """Run a sweep (= cairn sweep): the config's `sweep:` section, with `grid` ({"strategies.NAME.KEY":
     [values]}), `seeds` and `orders` overriding it; returns the aggregated sweep dict."""
-    from cairn.config import SweepSpec
-    from cairn.sweep import run_sweep
+    from cairn.sweep import run_sweep, sweep_spec
 
     cfg = _config(config)
-    spec = (cfg.sweep or SweepSpec()).model_dump()
-    spec["set"] = {**spec["set"], **(grid or {})}
-    spec.update({k: v for k, v in {"seeds": seeds, "orders": orders}.items() if v is not None})
-    return run_sweep(cfg, SweepSpec.model_validate(spec), Path(out) if out else None, progress=progress, log=log)
+    return run_sweep(cfg, sweep_spec(cfg, grid=grid, seeds=seeds, orders=orders), Path(out) if out else None, progress=progress, log=log)
 
 
 def train(task, out: str | Path, *, base: str = DEFAULT_BASE, chat_template: bool = False, progress: bool = True, **options) -> dict:

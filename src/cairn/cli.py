@@ -371,28 +371,24 @@ def _cmd_run(args) -> None:
 def _cmd_sweep(args) -> None:
     from tqdm.auto import tqdm
 
-    from cairn.config import SweepSpec, load_config
-    from cairn.sweep import experiments, parse_set, run_sweep
+    from pydantic import ValidationError
+
+    from cairn.config import load_config
+    from cairn.sweep import parse_set, run_sweep, sweep_spec
     from cairn.validation import config_error
 
     cfg = load_config(args.config)
-    spec = (cfg.sweep or SweepSpec()).model_dump()
-    spec["set"] = {**spec["set"], **dict(parse_set(text) for text in args.set)}
+    seeds = None
     if args.seeds is not None:
         try:
-            spec["seeds"] = [int(s) for s in args.seeds.split(",")]
+            seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if args.orders is not None:
-        spec["orders"] = args.orders
-    from pydantic import ValidationError
-
     try:
-        sweep = SweepSpec.model_validate(spec)
+        sweep = sweep_spec(cfg, grid=dict(parse_set(text) for text in args.set), seeds=seeds, orders=args.orders)
     except ValidationError as exc:
         raise config_error(exc, "sweep options") from None
-    experiments(cfg, sweep)  # every grid point and order must be a valid experiment before anything runs
-    out = args.out or cfg.out_dir()
+    out = args.out or cfg.out_dir()  # run_sweep checks every grid point and order before anything trains
     summary = run_sweep(cfg, sweep, out, log=tqdm.write)
     if summary is None:  # a process other than the main one under `accelerate launch`
         return

@@ -45,6 +45,14 @@ def parse_set(text: str) -> tuple[str, list]:
     return key.strip(), [value(v) for v in values.split(",")]
 
 
+def sweep_spec(cfg: ExperimentConfig, *, grid: dict | None = None, seeds: list[int] | None = None, orders: int | None = None) -> SweepSpec:
+    """The config's `sweep:` section with `grid` added to its keys and `seeds` / `orders` replacing its own."""
+    spec = (cfg.sweep or SweepSpec()).model_dump()
+    spec["set"] = {**spec["set"], **(grid or {})}
+    spec.update({k: v for k, v in {"seeds": seeds, "orders": orders}.items() if v is not None})
+    return SweepSpec.model_validate(spec)
+
+
 def _variant_name(name: str, point: dict) -> str:
     """`NAME.KEY-VALUE...`, with characters a strategy name cannot hold replaced by `_`."""
     parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in point.items()]
