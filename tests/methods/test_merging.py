@@ -1,6 +1,7 @@
 """Merge methods against direct formulas; adapters and streaming against in-memory merges."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -90,6 +91,17 @@ def test_magnitude_threshold_and_count_are_exact_on_large_tensors(density):
     kept = magnitude_mask(theta, density)
     assert int(kept.sum()) == k
     assert np.all(np.abs(theta)[kept] >= t) and np.all(np.abs(theta)[~kept] <= t)
+
+
+@pytest.mark.skipif("NUMBA_THREADING_LAYER" in os.environ, reason="the user chose numba's threading layer")
+def test_merge_kernels_run_on_sleeping_threads():
+    """numba's OpenMP layer left a pool thread spinning that made single-threaded torch training
+    after a merge ~9x slower; the kernels must run on the workqueue layer, whose threads sleep."""
+    import numba
+
+    theta = np.random.default_rng(0).standard_normal(3_000_000, np.float32)
+    magnitude_threshold(np.zeros_like(theta), theta, 0.5)
+    assert numba.threading_layer() == "workqueue"
 
 
 def test_magnitude_mask_keeps_exactly_k_with_ties_to_lower_indices():

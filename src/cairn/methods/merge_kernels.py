@@ -8,8 +8,17 @@ NUMBA_CACHE_DIR); both cores work on disjoint blocks of entries.
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's default OpenMP threading layer leaves a pool thread spinning after a kernel returns. In a
+# process that goes on to train with torch on one thread (OMP_NUM_THREADS=1, as parallel sweep
+# workers run), that spin made every later training step ~9x slower. Workqueue threads sleep.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 BLOCK = 1 << 16  # entries per parallel block
 
