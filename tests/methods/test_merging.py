@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,15 +95,21 @@ def test_magnitude_threshold_and_count_are_exact_on_large_tensors(density):
     assert np.all(np.abs(theta)[kept] >= t) and np.all(np.abs(theta)[~kept] <= t)
 
 
-@pytest.mark.skipif("NUMBA_THREADING_LAYER" in os.environ, reason="the user chose numba's threading layer")
-def test_merge_kernels_run_on_sleeping_threads():
+def test_merge_kernels_run_on_sleeping_threads(tmp_path):
     """numba's OpenMP layer left a pool thread spinning that made single-threaded torch training
-    after a merge ~9x slower; the kernels must run on the workqueue layer, whose threads sleep."""
-    import numba
-
-    theta = np.random.default_rng(0).standard_normal(3_000_000, np.float32)
-    magnitude_threshold(np.zeros_like(theta), theta, 0.5)
-    assert numba.threading_layer() == "workqueue"
+    after a merge up to ~9x slower; the kernels must run on the workqueue layer, whose threads
+    sleep, also when they compile (numba then re-reads its config from the environment)."""
+    script = (
+        "import numpy as np, numba\n"
+        "from cairn.methods.merging import magnitude_threshold\n"
+        "theta = np.random.default_rng(0).standard_normal(300_000, np.float32)\n"
+        "magnitude_threshold(np.zeros_like(theta), theta, 0.5)\n"
+        "print(numba.threading_layer())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)  # an empty cache: the kernels compile
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "workqueue"
 
 
 def test_magnitude_mask_keeps_exactly_k_with_ties_to_lower_indices():

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 
-import numba
-import numpy as np
-from numba import njit, prange
+# numba's default OpenMP threading layer shares torch's libgomp and leaves a pool thread spinning
+# at a barrier after a kernel returns. In a process that goes on to use torch on one thread
+# (OMP_NUM_THREADS=1, as parallel sweep workers run), that spin made every later training step up
+# to ~9x slower. Workqueue threads sleep. Set in the environment, not only in numba.config, because
+# numba's compiler reloads its config from the environment whenever a kernel compiles.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
-# numba's default OpenMP threading layer leaves a pool thread spinning after a kernel returns. In a
-# process that goes on to train with torch on one thread (OMP_NUM_THREADS=1, as parallel sweep
-# workers run), that spin made every later training step ~9x slower. Workqueue threads sleep.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]  # in case numba was imported first
 
 BLOCK = 1 << 16  # entries per parallel block
 
