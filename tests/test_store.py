@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,18 @@ def test_atomic_writes_leave_the_previous_version_on_a_crash(tmp_path):
             raise RuntimeError("crash mid-write")
     assert not (tmp_path / "folder").exists() and target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_folder_another_process_filled_meanwhile_is_kept_or_replaced_as_asked(tmp_path):
+    out = tmp_path / "model"
+    for keep, winner in ((True, "theirs"), (False, "ours")):
+        with atomic_dir(out, keep_existing=keep) as tmp:
+            (tmp / "w").write_text("ours")
+            out.mkdir(exist_ok=True)  # another rank finished the same folder first
+            (out / "w").write_text("theirs")
+        assert (out / "w").read_text() == winner
+        assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
+        shutil.rmtree(out)
 
 
 def test_a_full_disk_is_refused_before_writing_and_mid_write_keeps_the_old_version(tmp_path, monkeypatch, tiny):

@@ -114,7 +114,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:  # every rank of a launch may convert at once
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
@@ -162,7 +162,7 @@ def _tiny_random_folder() -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

@@ -59,9 +59,12 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, needed: int = 0) -> Iterator[Path]:
+def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` whole, on error it
-    vanishes and `out` is untouched. `needed` (bytes) is checked against the free disk first."""
+    vanishes and `out` is untouched. `needed` (bytes) is checked against the free disk first.
+    With `keep_existing` (a cache another process may fill with the same content at the same
+    time: ranks of one launch, parallel sweeps), an `out` that exists by the end is kept and
+    this copy dropped, so no process ever moves a folder another may be reading."""
     from cairn.errors import CairnError
 
     out = Path(out)
@@ -76,13 +79,18 @@ def atomic_dir(out: Path, needed: int = 0) -> Iterator[Path]:
             if exc.errno == errno.ENOSPC:
                 raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
             raise
-        if out.exists():
+        if out.exists() and not keep_existing:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        elif not out.exists():
+            try:
+                os.replace(tmp, out)
+            except OSError as exc:  # another process put its `out` there since the check
+                if not (keep_existing and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless another copy was kept
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
