@@ -184,7 +184,7 @@ def _plots(results: dict, out: Path) -> list[str]:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(HEADLINE))], HEADLINE)
     ax.set_title("final stage summary")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     files.append(save_png(fig, out / "summary_final.png"))
     return files

@@ -225,7 +225,7 @@ def plots(sweep: dict, out: Path) -> list[str]:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(HEADLINE))], HEADLINE)
         ax.set_title(f"at the last stage: mean, 95% CI over {len(sweep['seeds']) * len(sweep['orders'])} runs (seeds x orders)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="y", alpha=0.3)
         files.append(save_png(fig, out / "sweep_strategies.png"))
     return files
