@@ -98,7 +98,7 @@ def test_magnitude_threshold_and_count_are_exact_on_large_tensors(density):
 def test_merge_kernels_run_on_sleeping_threads(tmp_path):
     """numba's OpenMP layer left a pool thread spinning that made single-threaded torch training
     after a merge up to ~9x slower; the kernels must run on the workqueue layer, whose threads
-    sleep, also when they compile (numba then re-reads its config from the environment)."""
+    sleep, also in a fresh process where they compile."""
     script = (
         "import numpy as np, numba\n"
         "from cairn.methods.merging import magnitude_threshold\n"

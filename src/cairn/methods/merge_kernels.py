@@ -13,8 +13,8 @@ import os
 # numba's default OpenMP threading layer shares torch's libgomp and leaves a pool thread spinning
 # at a barrier after a kernel returns. In a process that goes on to use torch on one thread
 # (OMP_NUM_THREADS=1, as parallel sweep workers run), that spin made every later training step up
-# to ~9x slower. Workqueue threads sleep. Set in the environment, not only in numba.config, because
-# numba's compiler reloads its config from the environment whenever a kernel compiles.
+# to ~9x slower. Workqueue threads sleep. Set in the environment as well as in numba.config: numba
+# re-reads its config from the environment when a NUMBA_ variable changes, and children inherit it.
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import numba  # noqa: E402
