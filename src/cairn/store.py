@@ -79,17 +79,17 @@ def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> It
             if exc.errno == errno.ENOSPC:
                 raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
             raise
-        if out.exists() and not keep_existing:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        elif not out.exists():
+        if not out.exists():
             try:
                 os.replace(tmp, out)
             except OSError as exc:  # another process put its `out` there since the check
                 if not (keep_existing and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)):
                     raise
+        elif not keep_existing:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless another copy was kept
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
