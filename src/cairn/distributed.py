@@ -7,6 +7,8 @@ wrote. Run alone, there is one process, it is the main one, and waiting is free.
 
 from __future__ import annotations
 
+import os
+
 
 def _state():
     from accelerate import PartialState
@@ -15,7 +17,19 @@ def _state():
     # A singleton: joins the launcher's process group on first use. ACCELERATE_USE_CPU=1 makes
     # processes started by `accelerate launch --multi_gpu` join over gloo on a machine without GPUs,
     # as `Accelerator` does.
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > state.num_processes:
+        # Seen with an FSDP config on a machine without GPUs: accelerate leaves every process on
+        # its own, each would think it is the main one and write the same files.
+        from cairn.errors import ConfigError
+
+        raise ConfigError(
+            f"started as {launched} processes (WORLD_SIZE) but accelerate joined them as {state.num_processes} "
+            f"(distributed_type {state.distributed_type.value}): its FSDP and DeepSpeed modes need GPUs; on CPUs use "
+            "distributed_type MULTI_CPU, or `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (docs/distributed.md)"
+        )
+    return state
 
 
 def is_main() -> bool:

@@ -93,6 +93,20 @@ def test_cairn_run_under_two_processes_trains_together_and_writes_once(tmp_path)
         assert task_a == task_b and b == pytest.approx(a, rel=TOLERANCE[False])
 
 
+def test_processes_that_accelerate_leaves_unjoined_stop_instead_of_all_writing(tmp_path):
+    """An FSDP config on a machine without GPUs: accelerate starts 2 processes but joins neither,
+    so both would be the main one; the first question of who is main stops them with the fix."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\nfsdp_config: {fsdp_version: 2}\n")
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "0",
+               "-m", "cairn.cli", "train", "--base", "tiny-random", "--task", "pack:people", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "started as 2 processes (WORLD_SIZE) but accelerate joined them as 1" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "kind, processes, batch_size, message",
     [
