@@ -20,20 +20,31 @@ def config(tmp_path):
 
 
 def test_merge_strategy_merges_independent_contributions_and_reruns_from_cache(tmp_path, monkeypatch):
+    import shutil
+
     from safetensors.torch import load_file
 
-    calls = []
-    real = experiment.train
-    monkeypatch.setattr(experiment, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import cairn.methods.merge_strategy as strategy
+
+    calls, merged_folders, evaluations = [], [], []
+    real_train, real_merge, real_evaluate = experiment.train, strategy.merge_models, experiment.evaluate_task
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(experiment, "evaluate_task", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
+
+    def merge_and_keep(base, contributions, out, opts, **kw):  # a copy of each merge, which the strategy drops
+        real_merge(base, contributions, out, opts, **kw)
+        merged_folders.append(shutil.copytree(out, tmp_path / "kept" / str(len(merged_folders))))
+
+    monkeypatch.setattr(strategy, "merge_models", merge_and_keep)
     cfg = config(tmp_path)
     assert cfg.strategies[1].typed_options().lambda_ == 1.5
     first = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert len(calls) == 2  # one contribution per task, shared by both merge strategies
     contributions = sorted((tmp_path / "run" / "cache" / "contributions").iterdir())
     assert all(read_manifest(c)["base_fingerprint"] for c in contributions)
-    merges = list((tmp_path / "run" / "cache" / "merges").iterdir())
-    assert len(merges) == 4  # 2 strategies x 2 stages
-    stage2 = [m for m in merges if read_manifest(m)["merge"]["method"] == "average" and len(read_manifest(m)["merge"]["inputs"]) == 2]
+    assert len(merged_folders) == 4  # 2 strategies x 2 stages
+    assert list((tmp_path / "run" / "cache" / "merges").iterdir()) == []  # none kept on disk once scored
+    stage2 = [m for m in merged_folders if read_manifest(m)["merge"]["method"] == "average" and len(read_manifest(m)["merge"]["inputs"]) == 2]
     assert len(stage2) == 1
     # the stage-2 average of two LoRA contributions is base + (ΔW1 + ΔW2) / 2 on adapted weights
     from cairn.models import resolve_folder
@@ -49,5 +60,10 @@ def test_merge_strategy_merges_independent_contributions_and_reruns_from_cache(t
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(merged[name], base[name] + (deltas[0] + deltas[1]) / 2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"])
+    scored = len(evaluations)
     again = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert len(calls) == 2 and again["strategies"]["avg"]["R"] == first["strategies"]["avg"]["R"]
+    # merged again from the cached contributions, to the same weights: every score comes from the cache
+    assert len(merged_folders) == 8 and len(evaluations) == scored
+    for a, b in zip(merged_folders[:4], merged_folders[4:]):
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
