@@ -179,6 +179,26 @@ def test_adapter_deltas_merge_like_the_full_models_they_stand_for(folders, tmp_p
         assert_allclose(a[k], f[k], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method, normalize", [("ties", None), ("average", None), ("average", False)])
+def test_tensors_no_adapter_touches_merge_as_the_full_models_would(folders, tmp_path, method, normalize):
+    """They skip the arithmetic where the merge of equal inputs is the base; an unnormalized
+    average (the sum of the inputs) still computes them."""
+    base_dir, adapters, fulls = folders
+    opts = MergeOptions(method=method, normalize=normalize)
+    merge_models(base_dir, adapters, tmp_path / "a", opts, progress=False)
+    merge_models(base_dir, fulls, tmp_path / "f", opts, progress=False)
+    a, f, base = state(tmp_path / "a"), state(tmp_path / "f"), state(base_dir)
+    untouched = [k for k in base if all(np.array_equal(state(full)[k], base[k]) for full in fulls)]
+    assert "model.embed_tokens.weight" in untouched and len(untouched) < len(base)
+    for k in untouched:
+        assert_allclose(a[k], f[k], atol=2e-6, rtol=1e-5)
+        if opts.keeps_the_base():
+            assert np.array_equal(a[k], base[k])
+    assert opts.keeps_the_base() == (normalize is None)
+    if not opts.keeps_the_base():
+        assert_allclose(a["model.embed_tokens.weight"], len(adapters) * base["model.embed_tokens.weight"], rtol=1e-6)
+
+
 def test_streaming_merge_equals_the_in_memory_merge(folders, tmp_path):
     base_dir, adapters, fulls = folders
     opts = MergeOptions(method="ties", density=0.3, lambda_=0.9)

@@ -169,7 +169,11 @@ def _merged_in_order(base_w, sources, names, opts, weights, progress, desc):
     """Yield (name, base tensor, merged tensor) in order, releasing each parameter's pages after."""
     for name in tqdm(names, desc=desc, disable=not progress, leave=False):
         base = base_w.get(name)
-        yield name, base, merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)
+        if opts.keeps_the_base() and all(isinstance(s, AdapterWeights) and name not in s.deltas for s in sources):
+            # No adapter touches it (the embeddings: a fifth of this model): nothing to compute.
+            yield name, base, base
+        else:
+            yield name, base, merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)
         base_w.release(name)
         for src in sources:
             src.release(name)

@@ -152,6 +152,11 @@ class MergeOptions(Strict):
         spec = METHODS[self.method]
         return {"density": self.density, "lambda_": self.lambda_, "normalize": spec.normalize if self.normalize is None else self.normalize}
 
+    def keeps_the_base(self) -> bool:
+        """True when inputs that all equal the base merge to the base: every task vector is 0, or
+        (average) the weighted mean of equal tensors is that tensor."""
+        return self.method != "average" or self.kwargs()["normalize"]
+
 
 def _seed_for(seed: int, name: str) -> int:
     """DARE's seed for parameter `name`: different parameters drop independently."""
