@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from typing import Iterator
 
-from cairn.distributed import main_writes
+from cairn.distributed import barrier, is_main, main_writes
 from cairn.methods.merge_models import merge_models
 from cairn.methods.merging import MergeOptions
 from cairn.models import resolve_folder
@@ -32,5 +32,7 @@ def merge(model, stream, opts: MergeOptions, cfg, work) -> Iterator:
         # The check is the main process's too: another one could see the merge half-written.
         main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, opts, progress=work.progress))
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
-        main_writes(lambda: shutil.rmtree(out))  # once every process has loaded it
+        barrier()  # every process has loaded it before it goes
+        if is_main():
+            shutil.rmtree(out)
         yield merged
