@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,13 +54,18 @@ def test_frozen_linear_weights_in_bf16_give_autocasts_numbers_and_come_back():
     model = add_lora(model, TrainConfig())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     batch = collate([encode(e, tokenizer) for e in EXAMPLES[:4]], tokenizer.pad_token_id)
+    output = model.get_base_model().get_output_embeddings()
+    tied = output.weight
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference, _ = answer_loss(model, batch)
         with frozen_in_bf16(model, True):
             dtypes = {name: p.dtype for name, p in model.named_parameters()}
+            output_dtype = output.weight.dtype
             cast_once, _ = answer_loss(model, batch)
     assert dtypes["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32  # the residual stream stays float32
+    assert output_dtype == torch.bfloat16  # the tied output layer reads a bf16 copy meanwhile
+    assert output.weight is tied and tied is model.get_base_model().get_input_embeddings().weight  # tied again after
     assert dtypes["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"] == torch.float32  # trained: untouched
     assert cast_once.item() == reference.item()
     after = dict(model.named_parameters())
@@ -219,3 +226,51 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     state = json.loads((folder / "step-00000004" / "state.json").read_text())
     assert (state["epoch"], state["batch"]) == (0, 4) and len(state["progress"]["losses"]) == 4
     assert all(torch.isfinite(t).all() for t in load_file(folder / "step-00000004" / "trainable.safetensors").values())
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, None])
+def test_clipping_inside_the_fused_step_matches_clipping_before_it(max_norm):
+    from accelerate import Accelerator
+
+    from cairn.training import clipped_step
+
+    torch.manual_seed(0)
+    start = [torch.randn(30, 20), torch.randn(20)]
+    grads = [torch.randn(30, 20) * 3, torch.randn(20) * 3]
+    results = []
+    for ours in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer = torch.optim.AdamW(params, lr=0.1, eps=1.0, fused=True)  # a large eps: the step depends on the gradient's scale
+        if ours:
+            clipped_step(Accelerator(cpu=True), optimizer, params, max_norm)
+            assert not hasattr(optimizer, "grad_scale")  # the next step is not divided again
+        else:
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    for ours, reference, before in zip(*results, start):
+        assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
+        assert not torch.equal(ours, before)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_memory_is_reused_instead_of_faulted_back_in():
+    script = """
+import resource, sys, torch
+from cairn.training import reuse_freed_memory
+if sys.argv[1] == "on":
+    assert reuse_freed_memory()
+def step():  # like a training step: 25 tensors of 8 MB alive together, then all freed
+    tensors = [torch.ones(2**21) for _ in range(25)]
+    del tensors
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True).stdout) for mode in ("off", "on")}
+    assert faults["on"] * 10 < faults["off"], faults
