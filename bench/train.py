@@ -2,8 +2,10 @@
 
 Same model (the bundled one), data (a knowledge pack), LoRA config (r 16, alpha 32, every linear
 layer), batch size, epochs, learning rate and precision (bf16 autocast where the CPU has it), one
-run after the other in this process. Throughput is non-padding tokens per second of wall time
-around each tool's whole training call (TRL: building the trainer, which tokenises, and training).
+run after the other, each in a fresh process that this script starts: no run inherits another's
+allocator state or warm caches, and TRL runs with the C library's defaults, as its users get them.
+Throughput is non-padding tokens per second of wall time around each tool's whole training call
+(TRL: building the trainer, which tokenises, and training).
 
 The ceiling is the rate of a large matrix multiply; a run's share of it counts 4·N FLOPs per token
 for LoRA and 6·N for FFT (N: non-embedding parameters), plus the output projection for the tokens
@@ -17,7 +19,10 @@ Bars (issue 7): LoRA >= 3x TRL's tokens/s and >= 40% of the bf16 ceiling; FFT >=
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -98,17 +103,41 @@ def trl_run(base, task, cfg: TrainConfig, bf16: bool, checkpointing: bool) -> di
     return {"tokens": tokens, "logit_tokens": tokens, "wall_s": wall, "loss": output.training_loss}
 
 
+RUNS = {
+    "cairn": lambda base, task, cfg, bf16: cairn_run(base, task, cfg),
+    "trl": lambda base, task, cfg, bf16: trl_run(base, task, cfg, bf16, checkpointing=True),
+    "trl (no grad. checkpointing)": lambda base, task, cfg, bf16: trl_run(base, task, cfg, bf16, checkpointing=False),
+}
+
+
+def config(method: str, epochs: int) -> TrainConfig:
+    return TrainConfig(method=method, epochs=epochs, batch_size=16, lora_r=16, lr=DEFAULT_LR[method] if method == "lora" else 1e-4)
+
+
+def one_run(tool: str, method: str, args) -> dict:
+    """One tool's training run in a child process of this script; its figures come back as JSON."""
+    command = [sys.executable, __file__, "--pack", args.pack, "--epochs", str(args.epochs), "--base", args.base, "--run", tool, method]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{tool} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pack", default="people")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--only", choices=["lora", "fft"])
+    parser.add_argument("--run", nargs=2, metavar=("TOOL", "METHOD"), help=argparse.SUPPRESS)  # a child's one run
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    task = load_task(f"pack:{args.pack}")
     bf16 = bf16_supported()
+    if args.run:
+        tool, method = args.run
+        print(json.dumps(RUNS[tool](args.base, load_task(f"pack:{args.pack}"), config(method, args.epochs), bf16)))
+        return
+
     ceiling = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
     print(f"matmul ceiling: bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s, fp32 {ceiling['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
     body, output = sizes(load_model(args.base)[0])
@@ -116,15 +145,9 @@ def main() -> None:
 
     rows = []
     for method in [args.only] if args.only else ["lora", "fft"]:
-        cfg = TrainConfig(method=method, epochs=args.epochs, batch_size=16, lora_r=16, lr=DEFAULT_LR[method] if method == "lora" else 1e-4)
         per_token = 4 if method == "lora" else 6
-        runs = {
-            "cairn": lambda: cairn_run(args.base, task, cfg),
-            "trl": lambda: trl_run(args.base, task, cfg, bf16, checkpointing=True),
-            "trl (no grad. checkpointing)": lambda: trl_run(args.base, task, cfg, bf16, checkpointing=False),
-        }
-        for tool, run in runs.items():
-            r = run()
+        for tool in RUNS:
+            r = one_run(tool, method, args)
             tps = r["tokens"] / r["wall_s"]
             flops = per_token * (body * r["tokens"] + output * r["logit_tokens"])
             share = flops / r["wall_s"] / ceiling["bf16" if bf16 else "fp32"]
