@@ -153,7 +153,8 @@ def frozen_in_bf16(model, enabled: bool):
         p.data = data.to(torch.bfloat16)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     output = causal_lm.get_output_embeddings()
-    tied = output.weight if enabled and id(output.weight) in embeddings and not output.weight.requires_grad and output.weight.dtype == torch.float32 else None
+    weight = getattr(output, "weight", None)
+    tied = weight if enabled and id(weight) in embeddings and not weight.requires_grad and weight.dtype == torch.float32 else None
     if tied is not None:
         output.weight = nn.Parameter(tied.detach().to(torch.bfloat16), requires_grad=False)
     try:
