@@ -1,3 +1,4 @@
+import contextlib
 import json
 import subprocess
 import sys
@@ -274,3 +275,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True).stdout) for mode in ("off", "on")}
     assert faults["on"] * 10 < faults["off"], faults
+
+
+def test_a_sparse_tied_lookup_gives_the_same_dense_gradient():
+    from cairn.models import load_model
+    from cairn.training import sparse_tied_lookup
+
+    model, tokenizer = load_model("tiny-random")
+    batch = collate([encode(e, tokenizer) for e in EXAMPLES[:4]], tokenizer.pad_token_id)
+    lookup = model.get_input_embeddings()
+    grads = []
+    for sparse in (False, True):
+        with sparse_tied_lookup(model) if sparse else contextlib.nullcontext():
+            assert lookup.sparse == sparse
+            answer_loss(model, batch)[0].backward()
+        grads.append(lookup.weight.grad)
+        model.zero_grad(set_to_none=True)
+    assert not lookup.sparse  # restored
+    assert not grads[1].is_sparse and torch.allclose(grads[1], grads[0], rtol=0, atol=1e-7)
+    frozen = add_lora(model, TrainConfig())  # a frozen embedding keeps its dense lookup
+    with sparse_tied_lookup(frozen):
+        assert not lookup.sparse
