@@ -152,12 +152,12 @@ def main() -> None:
             flops = per_token * (body * r["tokens"] + output * r["logit_tokens"])
             share = flops / r["wall_s"] / ceiling["bf16" if bf16 else "fp32"]
             rows.append((method, tool, r["tokens"], r["wall_s"], tps, share, r["loss"]))
-            print(f"{method} {tool}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {tps:.0f} tokens/s, {share:.0%} of the ceiling, mean training loss {r['loss']:.3f}", flush=True)
+            print(f"{method} {tool}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {tps:.0f} tokens/s, {share:.1%} of the ceiling, mean training loss {r['loss']:.3f}", flush=True)
 
     print(f"\n{'method':<6} {'tool':<29} {'tokens':>7} {'wall_s':>7} {'tok/s':>6} {'ceiling':>8} {'vs TRL':>7}")
     for method, tool, tokens, wall, tps, share, _ in rows:
         trl = next(r[4] for r in rows if r[0] == method and r[1] == "trl")
-        print(f"{method:<6} {tool:<29} {tokens:>7} {wall:>7.1f} {tps:>6.0f} {share:>8.0%} {tps / trl:>6.2f}x")
+        print(f"{method:<6} {tool:<29} {tokens:>7} {wall:>7.1f} {tps:>6.0f} {share:>8.1%} {tps / trl:>6.2f}x")
 
 
 if __name__ == "__main__":
