@@ -97,6 +97,9 @@ def test_peft_decides_when_adapters_are_disabled_or_several_are_active():
         with model.disable_adapter():
             assert torch.equal(model(x), base)
         model.add_adapter("other", model.peft_config["default"])
+        for name, p in model.named_parameters():
+            if "lora_B.other" in name:  # a second adapter that changes the output
+                nn.init.normal_(p, std=0.5)
         model.base_model.set_adapter(["default", "other"])
         fused_two = model(x)
     assert torch.equal(fused_two, model(x))  # both adapters, as PEFT sums them
