@@ -259,6 +259,11 @@ def adapter_base(path: Path) -> str:
     return base
 
 
+def causal_lm_of(model):
+    """The transformers model itself: under a PEFT wrapper, the model it wraps."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def fingerprint(model) -> str:
     """sha256 over the model config and every weight (name, dtype, shape, bytes)."""
     import torch

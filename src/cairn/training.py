@@ -29,6 +29,7 @@ from cairn.data.batching import IGNORE, encode, length_grouped_loader
 from cairn.data.task import Example
 from cairn.errors import TrainingDiverged
 from cairn.fused_lora import fused_lora
+from cairn.models import causal_lm_of
 from cairn.validation import Strict
 
 DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
@@ -151,7 +152,7 @@ def frozen_in_bf16(model, enabled: bool):
     originals = [(p, p.data) for p in frozen.values()]
     for p, data in originals:
         p.data = data.to(torch.bfloat16)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     output = causal_lm.get_output_embeddings()
     weight = getattr(output, "weight", None)
     tied = weight if enabled and id(weight) in embeddings and not weight.requires_grad and weight.dtype == torch.float32 else None
@@ -177,7 +178,7 @@ def sparse_tied_lookup(model):
     """
     from torch import nn
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     lookup, output = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
     switch = isinstance(lookup, nn.Embedding) and not lookup.sparse and lookup.weight.requires_grad and getattr(output, "weight", None) is lookup.weight
     if switch:
@@ -193,7 +194,7 @@ def sparse_tied_lookup(model):
 def attention_for(model, longest: int):
     """Eager attention while training on examples of at most `EAGER_ATTENTION_UP_TO` tokens (the
     model's own choice, usually SDPA, otherwise), restored after."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     before = getattr(causal_lm.config, "_attn_implementation", None)
     switch = longest <= EAGER_ATTENTION_UP_TO and before not in (None, "eager") and hasattr(causal_lm, "set_attn_implementation")
     if switch:
@@ -218,7 +219,7 @@ class AnswerLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels):
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        causal_lm = causal_lm_of(self.model)
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cairn.errors import ModelError
+from cairn.models import causal_lm_of
 
 FILE = "centroids.safetensors"
 
@@ -40,7 +41,7 @@ def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *
     its base model with whatever adapter is active)."""
     if not prompts:
         raise ModelError("no prompts to compute routing statistics from")
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm_of(model)
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
     mask_now: list[torch.Tensor] = []
