@@ -11,6 +11,11 @@ The ceiling is the rate of a large matrix multiply; a run's share of it counts 4
 for LoRA and 6·N for FFT (N: non-embedding parameters), plus the output projection for the tokens
 where logits are computed (Cairn: answer tokens; TRL: every token).
 
+The floor is what Cairn's run would reach if its steps did nothing but their matrix multiplies (and,
+for FFT, the optimizer step): the same run once more under torch's profiler, timing those ops where
+they ran (same shapes, layouts and cache state). The rest of a step (elementwise ops, casts, op
+dispatch, autograd) is the overhead that stands between the two.
+
 Bars (issue 7): LoRA >= 3x TRL's tokens/s and >= 40% of the bf16 ceiling; FFT >= 2x TRL's.
 
     .venv/bin/python bench/train.py [--pack people] [--epochs 3] [--only lora|fft]
@@ -103,8 +108,24 @@ def trl_run(base, task, cfg: TrainConfig, bf16: bool, checkpointing: bool) -> di
     return {"tokens": tokens, "logit_tokens": tokens, "wall_s": wall, "loss": output.training_loss}
 
 
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def cairn_floor(base, task, cfg: TrainConfig) -> dict:
+    """Cairn's run under the profiler: seconds its matrix multiplies and its optimizer steps took."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer = load_model(base)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = train(model, tokenizer, task.train, cfg, progress=False)
+    ops = prof.key_averages()
+    seconds = lambda names: sum(op.self_cpu_time_total for op in ops if op.key in names) / 1e6  # noqa: E731
+    return {"tokens": result.tokens, "matmul_s": seconds(MATMULS), "optimizer_s": seconds({"aten::_fused_adamw_"})}
+
+
 RUNS = {
     "cairn": lambda base, task, cfg, bf16: cairn_run(base, task, cfg),
+    "cairn-floor": lambda base, task, cfg, bf16: cairn_floor(base, task, cfg),
     "trl": lambda base, task, cfg, bf16: trl_run(base, task, cfg, bf16, checkpointing=True),
     "trl (no grad. checkpointing)": lambda base, task, cfg, bf16: trl_run(base, task, cfg, bf16, checkpointing=False),
 }
@@ -143,10 +164,13 @@ def main() -> None:
     body, output = sizes(load_model(args.base)[0])
     print(f"non-embedding parameters {body / 1e6:.1f} M, output projection {output / 1e6:.1f} M; bf16 {bf16}", flush=True)
 
-    rows = []
+    rows, floors = [], {}
     for method in [args.only] if args.only else ["lora", "fft"]:
         per_token = 4 if method == "lora" else 6
-        for tool in RUNS:
+        f = one_run("cairn-floor", method, args)
+        floors[method] = (f["tokens"] / (f["matmul_s"] + (f["optimizer_s"] if method == "fft" else 0.0)), f)
+        print(f"{method} floor: {f['matmul_s']:.1f}s of matrix multiplies, {f['optimizer_s']:.1f}s of optimizer steps for {f['tokens']} tokens", flush=True)
+        for tool in (t for t in RUNS if t != "cairn-floor"):
             r = one_run(tool, method, args)
             tps = r["tokens"] / r["wall_s"]
             flops = per_token * (body * r["tokens"] + output * r["logit_tokens"])
@@ -158,6 +182,14 @@ def main() -> None:
     for method, tool, tokens, wall, tps, share, _ in rows:
         trl = next(r[4] for r in rows if r[0] == method and r[1] == "trl")
         print(f"{method:<6} {tool:<29} {tokens:>7} {wall:>7.1f} {tps:>6.0f} {share:>8.1%} {tps / trl:>6.2f}x")
+    for method, (floor, f) in floors.items():
+        trl = next(r[4] for r in rows if r[0] == method and r[1] == "trl")
+        cairn = next(r[4] for r in rows if r[0] == method and r[1] == "cairn")
+        what = "matrix multiplies and optimizer steps" if method == "fft" else "matrix multiplies"
+        print(
+            f"{method} floor: steps of nothing but their {what} would train {floor:.0f} tokens/s = {floor / trl:.2f}x TRL; "
+            f"Cairn reaches {cairn / floor:.0%} of it"
+        )
 
 
 if __name__ == "__main__":
