@@ -168,7 +168,7 @@ def main() -> None:
     for method in [args.only] if args.only else ["lora", "fft"]:
         per_token = 4 if method == "lora" else 6
         f = one_run("cairn-floor", method, args)
-        floors[method] = (f["tokens"] / (f["matmul_s"] + (f["optimizer_s"] if method == "fft" else 0.0)), f)
+        floors[method] = f["tokens"] / (f["matmul_s"] + (f["optimizer_s"] if method == "fft" else 0.0))
         print(f"{method} floor: {f['matmul_s']:.1f}s of matrix multiplies, {f['optimizer_s']:.1f}s of optimizer steps for {f['tokens']} tokens", flush=True)
         for tool in (t for t in RUNS if t != "cairn-floor"):
             r = one_run(tool, method, args)
@@ -182,7 +182,7 @@ def main() -> None:
     for method, tool, tokens, wall, tps, share, _ in rows:
         trl = next(r[4] for r in rows if r[0] == method and r[1] == "trl")
         print(f"{method:<6} {tool:<29} {tokens:>7} {wall:>7.1f} {tps:>6.0f} {share:>8.1%} {tps / trl:>6.2f}x")
-    for method, (floor, f) in floors.items():
+    for method, floor in floors.items():
         trl = next(r[4] for r in rows if r[0] == method and r[1] == "trl")
         cairn = next(r[4] for r in rows if r[0] == method and r[1] == "cairn")
         what = "matrix multiplies and optimizer steps" if method == "fft" else "matrix multiplies"
