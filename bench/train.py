@@ -112,15 +112,14 @@ MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def cairn_floor(base, task, cfg: TrainConfig) -> dict:
-    """Cairn's run under the profiler: seconds its matrix multiplies and its optimizer steps took."""
+    """`cairn_run` under the profiler: seconds its matrix multiplies and its optimizer steps took."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, tokenizer = load_model(base)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = train(model, tokenizer, task.train, cfg, progress=False)
+        run = cairn_run(base, task, cfg)
     ops = prof.key_averages()
     seconds = lambda names: sum(op.self_cpu_time_total for op in ops if op.key in names) / 1e6  # noqa: E731
-    return {"tokens": result.tokens, "matmul_s": seconds(MATMULS), "optimizer_s": seconds({"aten::_fused_adamw_"})}
+    return {"tokens": run["tokens"], "matmul_s": seconds(MATMULS), "optimizer_s": seconds({"aten::_fused_adamw_"})}
 
 
 RUNS = {  # the tools compared
