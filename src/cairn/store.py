@@ -1,99 +1,17 @@
-"""Contributions on disk: manifests (`cairn.json`), file hashes and atomic writes."""
+"""Contributions on disk: manifests (`cairn.json`), file hashes, and the contribution store."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+
+from cairn.io import atomic_write_json, check_free_space
 
 MANIFEST = "cairn.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            from cairn.errors import CairnError
-
-            raise CairnError(f"{path}: the disk filled up while writing it; the previous version is intact") from exc
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-_MARGIN_BYTES = 64 * 2**20  # kept free beyond an output's size
-
-
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse to start writing `what` (about `needed` bytes) where the disk cannot hold it."""
-    from cairn.errors import CairnError
-
-    folder = Path(folder).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < needed + _MARGIN_BYTES:
-        raise CairnError(
-            f"not enough free disk for {what}: needs about {needed / 2**20:.0f} MB (+{_MARGIN_BYTES // 2**20} MB margin), "
-            f"{free / 2**20:.0f} MB free at {folder}; free some space or write elsewhere"
-        )
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out` whole, on error it
-    vanishes and `out` is untouched. `needed` (bytes) is checked against the free disk first.
-    With `keep_existing` (a cache another process may fill with the same content at the same
-    time: ranks of one launch, parallel sweeps), an `out` that exists by the end is kept and
-    this copy dropped, so no process ever moves a folder another may be reading."""
-    from cairn.errors import CairnError
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if needed:
-        check_free_space(out.parent, needed, str(out))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        try:
-            yield tmp
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
-            raise
-        if not out.exists():
-            try:
-                os.replace(tmp, out)
-            except OSError as exc:  # another process put its `out` there since the check
-                if not (keep_existing and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)):
-                    raise
-        elif not keep_existing:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless another copy was kept
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,7 +20,7 @@ from cairn.config import ExperimentConfig, SweepSpec, parse_config
 from cairn.errors import ConfigError
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci
 from cairn.report import HEADLINE
-from cairn.store import atomic_write_json, atomic_write_text
+from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
 

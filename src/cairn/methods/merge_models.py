@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from cairn.errors import ModelError
 from cairn.methods.merging import MergeOptions, merge_tensor
-from cairn.store import atomic_dir, file_hashes, write_manifest
+from cairn.io import atomic_dir
+from cairn.store import file_hashes, write_manifest
 from cairn.tensor_files import FolderWeights, SafetensorsReader, SafetensorsWriter, stored
 
 _WEIGHT_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|cairn\.json)$")

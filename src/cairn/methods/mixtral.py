@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from cairn.errors import ModelError
 from cairn.methods.merge_models import open_input
 from cairn.methods.routing import topk_weights
-from cairn.store import atomic_dir, file_hashes, write_manifest
+from cairn.io import atomic_dir
+from cairn.store import file_hashes, write_manifest
 from cairn.tensor_files import STORAGE, FolderWeights, SafetensorsWriter, stored
 
 ROUTERS = ("centroid", "random", "uniform")

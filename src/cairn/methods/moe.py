@@ -335,7 +335,8 @@ def save_moe(model, experts: list[Path], opts: MoeOptions, out: Path, *, base: s
     routing statistics) under `experts/K/`, the routers' tensors in `router.safetensors`."""
     from safetensors.torch import save_file
 
-    from cairn.store import atomic_dir, file_hashes, write_manifest
+    from cairn.io import atomic_dir
+    from cairn.store import file_hashes, write_manifest
 
     with atomic_dir(Path(out)) as tmp:
         names = []

@@ -1,0 +1,159 @@
+"""Writing outputs safely: atomic files and folders (a reader sees the old version or the new, never half)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from cairn.errors import CairnError
+
+log = logging.getLogger("cairn")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path | str, folder: bool = False) -> None:
+    """Give a file or folder made by `tempfile` (always 0600 / 0700) the permissions the user's
+    umask asks for, as `open` and `mkdir` would: a shared store or a served report stays readable."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _owner() -> str:
+    """`HOST-PID` for temporary names: a later command on this host can tell whether the process
+    that made one is still running (on a shared disk, other hosts' temporaries are left alone)."""
+    return f"{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]}-{os.getpid()}"
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A new hidden folder `.NAME.HOST-PID-XXXX.tmp` in `parent`, with the umask's permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{_owner()}-", suffix=".tmp", dir=parent))
+    follow_umask(tmp, folder=True)
+    return tmp
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[^.]+\.(tmp|old)")
+
+
+def remove_stale_temps(parent: Path) -> list[Path]:
+    """Delete the temporary folders and files in `parent` that a killed command left (their
+    process is gone); log each, and return them."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if not m or m["host"] != _owner()[:6] or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        if not entry.exists():
+            removed.append(entry)
+            log.warning(f"removed {entry}, left unfinished by an interrupted command (process {m['pid']})")
+    return removed
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}-", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise CairnError(f"{path}: the disk filled up while writing it; the previous version is intact") from exc
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+_MARGIN_BYTES = 64 * 2**20  # kept free beyond an output's size
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `what` (about `needed` bytes) where the disk cannot hold it."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed + _MARGIN_BYTES:
+        raise CairnError(
+            f"not enough free disk for {what}: needs about {needed / 2**20:.0f} MB (+{_MARGIN_BYTES // 2**20} MB margin), "
+            f"{free / 2**20:.0f} MB free at {folder}; free some space or write elsewhere"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` whole, on error it
+    vanishes and `out` is untouched. `needed` (bytes) is checked against the free disk first.
+    With `keep_existing` (a cache another process may fill with the same content at the same
+    time: ranks of one launch, parallel sweeps), an `out` that exists by the end is kept and
+    this copy dropped, so no process ever moves a folder another may be reading. Temporary
+    folders that killed commands left beside `out` are removed first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent)
+    if needed:
+        check_free_space(out.parent, needed, str(out))
+    tmp = temp_dir(out.parent, out.name)
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
+            raise
+        if not out.exists():
+            try:
+                os.replace(tmp, out)
+            except OSError as exc:  # another process put its `out` there since the check
+                if not (keep_existing and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                    raise
+        elif not keep_existing:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_owner()}-", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless another copy was kept
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
