@@ -1,13 +1,15 @@
 """The `cairn` command: parses arguments and calls the library. User errors print one line, no traceback.
 
-Exit codes: 0 success; 2 usage or general error; 3 bad data; 4 bad config or option;
-5 model cannot be loaded; 6 training diverged (`cairn run`: after writing the report); 130 interrupted.
+Exit codes (the README's table): 0 success; 2 usage or general error; 3 bad data; 4 bad config
+or option; 5 model cannot be loaded; 6 training diverged (`cairn run`: after writing the
+report); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -46,6 +48,11 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template (instruction-tuned models)")
 
 
+def _add_overwrite(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace --out even when it is not an earlier `cairn {command}` output (an earlier one is replaced without it)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="cairn", description="Add knowledge to an LLM contribution by contribution, and measure what it keeps.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-eval", action="store_true", help="skip scoring the test split after training")
+    _add_overwrite(p, "train")
 
     p = sub.add_parser("eval", help="score a model on a task split")
     p.add_argument("--model", required=True, help="model spec, HF folder or PEFT adapter folder")
@@ -89,19 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (HF model, or PEFT adapter with --as-adapter)")
     p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter (truncated SVD of the merged delta)")
     p.add_argument("--rank", type=int, help="rank of the --as-adapter output")
+    _add_overwrite(p, "merge")
     p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")), help="store that input IDs refer to")
 
     p = sub.add_parser("mix", help="mix LoRA adapters (LoRA-MoE) or full fine-tunes (Mixtral) of one base into a mixture of experts")
     p.add_argument("--base", required=True, help="base model spec (the model every input was fine-tuned from)")
     p.add_argument("--inputs", required=True, nargs="+", help="PEFT adapter folders, or HF model folders (all of one kind), or IDs in --store")
     p.add_argument("--router", required=True, choices=["uniform", "arrow", "centroid", "trained", "random"])
-    p.add_argument("--top-k", type=int, default=2, help="experts mixed per prompt (default 2)")
+    p.add_argument("--top-k", type=int, help="experts mixed per prompt (default 2; not for the uniform router, which mixes all)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the router scores (default: centroid 0.005, arrow 0.1)")
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
     p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token")
     p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
     p.add_argument("--shared", choices=["base", "average"], default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
     p.add_argument("--out", required=True, type=Path, help="output folder (loads with cairn eval / cairn generate)")
+    _add_overwrite(p, "mix")
     p.add_argument("--store", type=Path, default=Path(os.environ.get("CAIRN_STORE", "cairn-store")), help="store that input IDs refer to")
 
     p = sub.add_parser("run", help="run an experiment: strategies x seeds over a task stream, then report")
@@ -109,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (refused if the run folder holds none); a plain rerun resumes too")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out of another config's run (its cache/ is kept), or a folder that is not a run's")
 
     p = sub.add_parser("sweep", help="run an experiment over a grid of strategy settings x seeds x task orders; mean and 95%% CI per grid point")
     p.add_argument("config", type=Path, help="experiment YAML; its `sweep:` section gives the defaults of the options below")
@@ -145,50 +156,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> None:
-    from cairn.data import load_task
-    from cairn.training import train_contribution
-
-    if args.task.startswith("lm-eval:"):
-        raise ConfigError(f"--task {args.task}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
-    task = load_task(args.task, metric=args.metric)
-    if not task.train:
-        raise DataError(f"task {task.name} has no 'train' examples")  # checked before loading the model
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise ConfigError(f"--seed must be between 0 and {2**32 - 1} (it seeds NumPy), got {args.seed}")
-    overrides = {"epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
-    cfg = _train_config(method=args.method, **{k: v for k, v in overrides.items() if v is not None})
-    if args.chat_template:
-        from cairn.data.chat import as_chat
-        from cairn.models import load_model
-
-        task = as_chat(task, load_model(args.base)[1])
-    manifest = train_contribution(args.base, task, cfg, args.out)
+    from cairn.api import train
     from cairn.distributed import is_main
 
+    overrides = {"method": args.method, "epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
+    manifest = train(args.task if args.metric is None else _load_task(args.task, args.metric), args.out, base=args.base, chat_template=args.chat_template,
+                     overwrite=args.overwrite, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     if not is_main():  # under `accelerate launch`: the main process reports and evaluates
         return
     t = manifest["train"]
-    print(f"trained {cfg.method} on {task.name}: {t['steps']} steps, final loss {t['losses'][-1]:.4f}, "
+    print(f"trained {manifest['method']} on {manifest['task']}: {t['steps']} steps, final loss {t['losses'][-1]:.4f}, "
           f"{t['tokens']} tokens in {t['wall_s']:.1f}s ({t['tokens_per_s']:.0f} tokens/s) -> {args.out}")
-    if not args.no_eval and task.test:
-        from cairn.evaluation import evaluate_task
-        from cairn.models import load_model
+    if not args.no_eval:
+        from cairn.api import evaluate
 
-        model, tokenizer = load_model(str(args.out))
-        result = evaluate_task(model, tokenizer, task, progress=True)
-        print(f"{task.name} test {task.metric}: {result.score:.4f} (n={result.n})")
+        task = _load_task(args.task, args.metric)
+        if task.test:
+            result = evaluate(str(args.out), task, chat_template=args.chat_template, progress=True)
+            print(f"{task.name} test {task.metric}: {result.score:.4f} (n={result.n})")
 
 
-def _train_config(**values):
-    from pydantic import ValidationError
+def _load_task(source: str, metric: str | None):
+    from cairn.data import load_task
 
-    from cairn.training import TrainConfig
-    from cairn.validation import config_error
-
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        raise config_error(exc, "invalid training option") from None
+    if source.startswith("lm-eval:"):
+        raise ConfigError(f"--task {source}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
+    return load_task(source, metric=metric)
 
 
 def _at_least(minimum: int, **values) -> None:
@@ -211,7 +204,7 @@ def _cmd_eval(args) -> None:
     task = load_task(args.task, metric=args.metric)
     probe = args.task.startswith("lm-eval:")  # lm-eval holds its own data
     if not probe and not task.split(args.split):
-        raise CairnError(f"task {task.name} has no {args.split!r} examples")
+        raise DataError(f"task {task.name} has no {args.split!r} examples")
     model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle)
     if args.chat_template and not probe:
         from cairn.data.chat import as_chat
@@ -238,60 +231,26 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from pydantic import ValidationError
+    from cairn.api import merge, merge_mergekit
 
-    from cairn.errors import ConfigError
-    from cairn.methods.merge_models import merge_models
-    from cairn.methods.merging import METHODS, MergeOptions
-    from cairn.models import ModelSpec, resolve_folder
-    from cairn.validation import config_error
-
-    given = {"density": args.density, "lambda": args.lambda_, "seed": args.seed}
+    if args.as_adapter != (args.rank is not None):
+        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
+    _at_least(1, rank=args.rank)
+    given = {"density": args.density, "lambda": args.lambda_, "seed": args.seed, "normalize": args.normalize}
+    common = {"adapter_rank": args.rank, "store": args.store, "overwrite": args.overwrite}
     if args.config:
-        _merge_from_config(args, given)
-        return
-    missing = [f"--{k}" for k in ("method", "base", "inputs") if not getattr(args, k)]
-    if missing:
-        raise ConfigError(f"cairn merge needs {', '.join(missing)} (or a mergekit YAML through --config)")
-    unused = [k for k, v in given.items() if v is not None and k not in METHODS[args.method].uses]
-    if unused:
-        raise ConfigError(f"--{unused[0]} does not apply to {args.method}; it reads: {', '.join(sorted(METHODS[args.method].uses)) or 'no parameters'}")
-    if args.as_adapter != (args.rank is not None):
-        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
-    _at_least(1, rank=args.rank)
-    try:
-        opts = MergeOptions(method=args.method, normalize=args.normalize, **{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        raise config_error(exc, "invalid merge option") from None
-    spec = ModelSpec.parse(args.base)
-    if spec.kind == "adapter":
-        raise ConfigError(f"--base {args.base} is an adapter; give the full model it was trained from")
-    inputs = _resolve_inputs(args.inputs, args.store, args.base)
-    stats = merge_models(resolve_folder(spec), inputs, args.out, opts, weights=args.weights, adapter_rank=args.rank, manifest={"base": args.base})
-    _report_merge(stats, len(inputs), args.out)
-
-
-def _merge_from_config(args, given: dict) -> None:
-    from cairn.errors import ConfigError
-    from cairn.methods.merge_models import merge_models
-    from cairn.methods.mergekit_config import read_mergekit_config
-    from cairn.models import ModelSpec, resolve_folder
-
-    clash = [f"--{k}" for k in ("method", "base", "inputs", "weights", "normalize") if getattr(args, k) is not None]
-    clash += [f"--{k}" for k, v in given.items() if v is not None]
-    if clash:
-        raise ConfigError(f"--config gives the whole merge; drop {', '.join(clash)} (or drop --config)")
-    if args.as_adapter != (args.rank is not None):
-        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
-    _at_least(1, rank=args.rank)
-    plan = read_mergekit_config(args.config)
-    spec = ModelSpec.parse(plan.base)
-    if spec.kind in ("adapter", "moe"):
-        raise ConfigError(f"{args.config}: base_model {plan.base} is not a full model; give the model the inputs were trained from")
-    inputs = _resolve_inputs(plan.inputs, args.store, plan.base)
-    stats = merge_models(resolve_folder(spec), inputs, args.out, plan.opts, weights=plan.weights, adapter_rank=args.rank, dtype=plan.dtype,
-                         manifest={"base": plan.base, "mergekit_config": str(args.config)})  # fmt: skip
-    _report_merge(stats, len(inputs), args.out)
+        clash = [f"--{k}" for k in ("method", "base", "inputs", "weights") if getattr(args, k) is not None]
+        clash += [f"--{k}" for k, v in given.items() if v is not None]
+        if clash:
+            raise ConfigError(f"--config gives the whole merge; drop {', '.join(clash)} (or drop --config)")
+        stats = merge_mergekit(args.config, args.out, **common)
+    else:
+        missing = [f"--{k}" for k in ("method", "base", "inputs") if not getattr(args, k)]
+        if missing:
+            raise ConfigError(f"cairn merge needs {', '.join(missing)} (or a mergekit YAML through --config)")
+        stats = merge(args.inputs, args.out, base=args.base, method=args.method, weights=args.weights, **common,
+                      **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+    _report_merge(stats, len(stats.get("inputs", [])), args.out)
 
 
 def _report_merge(stats: dict, n: int, out: Path) -> None:
@@ -303,62 +262,32 @@ def _report_merge(stats: dict, n: int, out: Path) -> None:
 
 
 def _cmd_mix(args) -> None:
-    from pydantic import ValidationError
-
     from cairn.api import mix
-    from cairn.models import ModelSpec
-    from cairn.validation import config_error
 
     _at_least(1, top_k=args.top_k)
-    given = {"temperature": args.temperature, "threshold": args.threshold, "granularity": args.granularity}
-    if ModelSpec.parse(args.base).kind in ("adapter", "moe"):
-        raise ConfigError(f"--base {args.base} is not a base model; give the full model the inputs were trained from")
-    inputs = _resolve_inputs(args.inputs, args.store, args.base)
-    try:
-        out = mix(inputs, args.out, base=args.base, router=args.router, top_k=args.top_k, tasks=args.tasks, shared=args.shared,
-                  **{k: v for k, v in given.items() if v is not None})  # fmt: skip
-    except ValidationError as exc:
-        raise config_error(exc, "invalid mix option") from None
-    lora = all((p / "adapter_config.json").is_file() for p in inputs)
+    given = {"top_k": args.top_k, "temperature": args.temperature, "threshold": args.threshold, "granularity": args.granularity}
+    out = mix(args.inputs, args.out, base=args.base, router=args.router, tasks=args.tasks, shared=args.shared, store=args.store,
+              overwrite=args.overwrite, **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+    lora = (out / "moe.json").is_file()
     what = "adapters into a LoRA-MoE" if lora else "full fine-tunes into a Mixtral model"
-    print(f"mixed {len(inputs)} {what} (router {args.router}, top-{args.top_k}) -> {out}")
-
-
-def _resolve_inputs(inputs: list[str], store_dir: Path, base: str) -> list[Path]:
-    """Folders as given; store IDs resolved, verified, and checked against the base's fingerprint."""
-    from cairn.store import Store
-
-    paths, fp = [], None
-    for item in inputs:
-        if Path(item).exists():
-            paths.append(Path(item))
-            continue
-        store = Store(store_dir)
-        if item not in {e["id"] for e in store.list()}:
-            raise CairnError(f"input {item!r} is neither a folder nor a contribution in the store {store_dir}")
-        if fp is None:
-            from cairn.models import load_model
-
-            fp = load_model(base)[0].cairn_fingerprint
-        paths.append(store.resolve(item, base_fingerprint=fp))
-    return paths
+    print(f"mixed {len(args.inputs)} {what} (router {args.router}) -> {out}")
 
 
 def _cmd_run(args) -> None:
+    from tqdm.auto import tqdm
+
+    from cairn.api import run
     from cairn.config import load_config, quickstart
-    from cairn.experiment import run_experiment
-    from cairn.report import write_report
 
     cfg = load_config(args.config) if args.config else quickstart()
     out = args.out or cfg.out_dir()
     if args.resume and not (out / "cache").is_dir():
         raise CairnError(f"--resume: {out} holds no interrupted run (no cache/); drop --resume to start one")
-    from tqdm.auto import tqdm
-
-    results = run_experiment(cfg, out, log=tqdm.write)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
+    results = run(cfg, out, overwrite=args.overwrite, log=tqdm.write)
     if results is None:  # a process other than the main one under `accelerate launch`
         return
-    write_report(results, out)
     _print_summary(results)
     print(f"report: {out / 'report.html'}")
     diverged = [name for name, s in results["strategies"].items() if s.get("diverged")]
@@ -371,11 +300,9 @@ def _cmd_run(args) -> None:
 def _cmd_sweep(args) -> None:
     from tqdm.auto import tqdm
 
-    from pydantic import ValidationError
-
+    from cairn.api import sweep
     from cairn.config import load_config
-    from cairn.sweep import parse_set, run_sweep, sweep_spec
-    from cairn.validation import config_error
+    from cairn.sweep import parse_set
 
     cfg = load_config(args.config)
     seeds = None
@@ -384,12 +311,8 @@ def _cmd_sweep(args) -> None:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    try:
-        sweep = sweep_spec(cfg, grid=dict(parse_set(text) for text in args.set), seeds=seeds, orders=args.orders)
-    except ValidationError as exc:
-        raise config_error(exc, "sweep options") from None
     out = args.out or cfg.out_dir()  # run_sweep checks every grid point and order before anything trains
-    summary = run_sweep(cfg, sweep, out, log=tqdm.write)
+    summary = sweep(cfg, out, grid=dict(parse_set(text) for text in args.set), seeds=seeds, orders=args.orders, log=tqdm.write)
     if summary is None:  # a process other than the main one under `accelerate launch`
         return
     _print_sweep(summary)
@@ -518,15 +441,36 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed the usage and the problem (2), or the help (0)
         return exc.code if isinstance(exc.code, int) else 2
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _log_to_stderr(args.command)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it can be handled
     except CairnError as exc:
         print(f"cairn {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (`cairn store list | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print("cairn: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _log_to_stderr(command: str) -> None:
+    """The library's notes (`logging.getLogger("cairn")`: what was replaced, what was cleaned up,
+    what could not be verified) as one line each on stderr."""
+    logger = logging.getLogger("cairn")
+    if not any(getattr(h, "cairn_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.cairn_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for h in logger.handlers:
+        if getattr(h, "cairn_cli", False):
+            h.setStream(sys.stderr)  # the current stderr (tests redirect it)
+            h.setFormatter(logging.Formatter(f"cairn {command}: %(message)s"))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ def follow_umask(path: Path | str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def follow_umask_tree(folder: Path) -> None:
+    """`follow_umask` for a folder and everything in it (some writers, safetensors among them,
+    create their files 0600 whatever the umask)."""
+    follow_umask(folder, folder=True)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            follow_umask(Path(root) / d, folder=True)
+        for f in files:
+            if not (Path(root) / f).is_symlink():
+                follow_umask(Path(root) / f)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -142,6 +154,7 @@ def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> It
             if exc.errno == errno.ENOSPC:
                 raise CairnError(f"{out}: the disk filled up while writing it; nothing was replaced (free some space and rerun)") from exc
             raise
+        follow_umask_tree(tmp)
         if not out.exists():
             try:
                 os.replace(tmp, out)
@@ -157,3 +170,51 @@ def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, flag: str = "--out") -> None:
+    """Refuse to write `what` at `out` where that would destroy files Cairn did not write there.
+
+    An absent or empty `out` is written; an `earlier` output of the same command is replaced (and
+    the log says so); anything else only with `overwrite`. The current folder, and any folder that
+    contains it, are never replaced: the replacement renames `out`, which cannot move the folder a
+    command runs in.
+    """
+    from cairn.errors import ConfigError
+
+    out = Path(out)
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(f"{flag} {out}: is {'the current folder' if target == here else 'a folder that contains the current one'}; name a new folder for {what}")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    if earlier:
+        log.info(f"replacing the earlier {what} at {out}")
+        return
+    if not overwrite:
+        kind = "a file" if out.is_file() else "a symbolic link" if out.is_symlink() else "a folder that is not an earlier " + what
+        raise ConfigError(f"{flag} {out}: exists and is {kind}; choose another {flag}, or pass --overwrite to replace it (its contents will be deleted)")
+    log.info(f"--overwrite: replacing {out}")
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path | str, what: str) -> Iterator[None]:
+    """Hold `folder/.lock` while `what` writes there; a second process is refused at once, before it
+    starts, rather than finding files it relies on replaced half-way. The lock is the kernel's
+    (flock), so a killed holder releases it."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CairnError(f"{folder} is in use by another {what} (it holds {folder / '.lock'}); wait for it to finish, or write elsewhere") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -291,9 +291,13 @@ def saved_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def write_model(model, tokenizer, folder: Path) -> None:
+    """Write a full model as a HF folder (safetensors) or a PEFT adapter into `folder`."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 def save_model(model, tokenizer, out: Path) -> None:
-    """Save a full model as a HF folder (safetensors) or a PEFT adapter, atomically, after
-    checking the disk can hold it."""
+    """`write_model` to `out` atomically, after checking the disk can hold it."""
     with atomic_dir(out, needed=saved_bytes(model)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write_model(model, tokenizer, tmp)

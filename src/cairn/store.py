@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cairn.errors import CairnError
 from cairn.io import atomic_write_json, check_free_space
 
 MANIFEST = "cairn.json"
@@ -47,6 +48,19 @@ def read_manifest(folder: Path) -> dict | None:
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object (a Cairn manifest), got {type(manifest).__name__}")
     return manifest
+
+
+def made_by(folder: Path) -> str | None:
+    """The Cairn command whose output `folder` is ('train', 'merge' or 'mix', read from its
+    manifest), or None: not a Cairn output, or one whose manifest cannot be read."""
+    try:
+        manifest = read_manifest(folder) if Path(folder).is_dir() else None
+    except CairnError:
+        return None
+    for command in ("train", "merge", "mix"):
+        if manifest and command in manifest:
+            return command
+    return "mix" if manifest and manifest.get("kind") == "moe" else None
 
 
 def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:

@@ -112,10 +112,13 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def lora_config(cfg: TrainConfig):
-    """The PEFT `LoraConfig` of a fresh adapter as configured."""
+def lora_config(cfg: TrainConfig, model=None):
+    """The PEFT `LoraConfig` of a fresh adapter as configured; given the `model` it will adapt,
+    its rank is first checked against the layers it targets (`check_lora_rank`)."""
     from peft import LoraConfig
 
+    if model is not None:
+        check_lora_rank(model, cfg)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
@@ -125,11 +128,42 @@ def lora_config(cfg: TrainConfig):
     )
 
 
+def check_lora_rank(model, cfg: TrainConfig) -> None:
+    """Refuse, before anything is allocated, a rank above min(in, out) of a targeted layer (its
+    factors could not be of lower rank than the layer itself: 1e6 allocated until killed), and
+    target modules that match no linear layer."""
+    from torch import nn
+
+    from cairn.errors import ConfigError
+
+    causal_lm = causal_lm_of(model)
+    output = causal_lm.get_output_embeddings()
+    linear = {  # a layer PEFT already wraps is its `base_layer`; the LoRA factors are not targets
+        name.removesuffix(".base_layer"): m
+        for name, m in causal_lm.named_modules()
+        if isinstance(m, nn.Linear) and m is not output and ".lora_" not in name
+    }
+    if cfg.target_modules == "all-linear":
+        targeted = linear
+    else:
+        targeted = {name: m for name, m in linear.items() if name.rsplit(".", 1)[-1] in cfg.target_modules or name in cfg.target_modules}
+    if not targeted:
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ConfigError(f"target_modules {cfg.target_modules}: no linear layer of the model has that name; its linear layers: {', '.join(names)}")
+    name, smallest = min(targeted.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    limit = min(smallest.in_features, smallest.out_features)
+    if cfg.lora_r > limit:
+        raise ConfigError(
+            f"lora_r {cfg.lora_r} is above the rank of the layer {name} ({smallest.out_features} x {smallest.in_features}); "
+            f"use lora_r <= {limit}, or leave that layer out of target_modules"
+        )
+
+
 def add_lora(model, cfg: TrainConfig):
     """Wrap `model` with a fresh PEFT LoRA adapter as configured."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg, model))
 
 
 @contextmanager
@@ -485,7 +519,8 @@ def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path)
     """Ship the contribution's routing statistics (methods/centroids.py) over the task's training
     prompts, so a mixer can route to it later without the data: per adapted module as the base
     model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
-    the fine-tuned model for FFT (the Mixtral router sits inside it)."""
+    the fine-tuned model for FFT (the Mixtral router sits inside it). Prompts are cut to
+    `max_length` tokens, as training cuts them (a 50 MB prompt read whole took 21 GB)."""
     from contextlib import nullcontext
 
     from cairn.methods import centroids
@@ -497,40 +532,44 @@ def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path)
         modules = centroids.mlp_modules(model)
     prompts = [ex.prompt for ex in task.train]
     with model.disable_adapter() if cfg.method == "lora" else nullcontext():
-        stats = centroids.input_statistics(model, tokenizer, prompts, modules)
+        stats = centroids.input_statistics(model, tokenizer, prompts, modules, max_length=cfg.max_length)
     centroids.save(stats, out, len(prompts))
 
 
 def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:
-    """Write a trained model atomically (PEFT adapter for LoRA, HF folder for FFT) plus its manifest."""
-    from cairn.models import save_model
+    """Write a trained model (PEFT adapter for LoRA, HF folder for FFT), its routing statistics and
+    its manifest into a temporary folder that becomes `out` in one rename: a killed save leaves no
+    `out` that a later command could take for a whole contribution."""
+    from cairn.io import atomic_dir
+    from cairn.models import saved_bytes, write_model
     from cairn.store import file_hashes, write_manifest
 
     out = Path(out)
-    save_model(result.model, tokenizer, out)
-    save_routing_statistics(result.model, tokenizer, task, cfg, out)
-    manifest = {
-        "schema": 1,
-        "kind": "adapter" if cfg.method == "lora" else "model",
-        "base": base,
-        "base_fingerprint": base_fingerprint,
-        "task": task.name,
-        "metric": task.metric,
-        "data_hash": task.data_hash(),
-        "method": cfg.method,
-        "hyperparameters": cfg.model_dump(),
-        "train": {
-            "examples": len(task.train),
-            "losses": result.losses,
-            "tokens": result.tokens,
-            "steps": result.steps,
-            "wall_s": round(result.wall_s, 3),
-            "tokens_per_s": round(result.tokens_per_s, 1),
-            "peak_mem_mb": round(result.peak_mem_mb, 1),
-            "trainable_params": result.trainable_params,
-            "bf16": result.bf16,
-        },
-        "files": file_hashes(out),
-    }
-    write_manifest(out, manifest)
+    with atomic_dir(out, needed=saved_bytes(result.model)) as tmp:
+        write_model(result.model, tokenizer, tmp)
+        save_routing_statistics(result.model, tokenizer, task, cfg, tmp)
+        manifest = {
+            "schema": 1,
+            "kind": "adapter" if cfg.method == "lora" else "model",
+            "base": base,
+            "base_fingerprint": base_fingerprint,
+            "task": task.name,
+            "metric": task.metric,
+            "data_hash": task.data_hash(),
+            "method": cfg.method,
+            "hyperparameters": cfg.model_dump(),
+            "train": {
+                "examples": len(task.train),
+                "losses": result.losses,
+                "tokens": result.tokens,
+                "steps": result.steps,
+                "wall_s": round(result.wall_s, 3),
+                "tokens_per_s": round(result.tokens_per_s, 1),
+                "peak_mem_mb": round(result.peak_mem_mb, 1),
+                "trainable_params": result.trainable_params,
+                "bf16": result.bf16,
+            },
+            "files": file_hashes(tmp),
+        }
+        write_manifest(tmp, manifest)
     return manifest

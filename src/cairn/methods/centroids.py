@@ -35,10 +35,11 @@ def pooled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *, batch_size: int = 16, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """{`<module>.mean`, `<module>.var`}: statistics over `prompts` of each module's prompt-averaged
     input, read with forward hooks during ordinary forward passes of `model` (for a PeftModel, of
-    its base model with whatever adapter is active)."""
+    its base model with whatever adapter is active). With `max_length`, each prompt keeps its
+    last `max_length` tokens, as training keeps them (data/batching.py)."""
     if not prompts:
         raise ModelError("no prompts to compute routing statistics from")
     inner = causal_lm_of(model)
@@ -63,6 +64,7 @@ def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for i in range(0, len(prompts), batch_size):
             encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[i : i + batch_size]]
+            encoded = [seq[-max_length:] for seq in encoded] if max_length else encoded
             width = max(map(len, encoded))
             ids = torch.full((len(encoded), width), pad, dtype=torch.long)
             mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -79,9 +79,9 @@ def stage_model(base, prev: Path | None, cfg: TrainConfig, seed: int):
 
     torch.manual_seed(seed)  # a different init per stage: equal inits would start A_new on A_prev
     if prev is None:
-        return get_peft_model(base, lora_config(cfg), adapter_name=NEW)
+        return get_peft_model(base, lora_config(cfg, base), adapter_name=NEW)
     model = PeftModel.from_pretrained(base, str(prev), adapter_name=PREV)
-    model.add_adapter(NEW, lora_config(cfg))
+    model.add_adapter(NEW, lora_config(cfg, base))
     model.base_model.set_adapter([PREV, NEW])
     return model
 
