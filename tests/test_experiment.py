@@ -210,3 +210,40 @@ def test_a_diverged_seed_is_named_and_left_out_of_the_means(exp_config):
     assert s["R"] == done["R"] and s["final"] == done["final"] and s["aggregate"]["final"]["op"]["n"] == 1
     assert s["diverged"] == {"1": failed["diverged"]} and s["seeds"]["1"] == failed
     assert summary_rows(results)[0][0] == "seq-lora (seed 1 diverged at stage 2; mean of the other seeds)"
+
+
+def test_a_run_logs_its_plan_first_and_a_time_estimate_once_its_first_training_is_done(tmp_path, exp_config):
+    lines = []
+    out = tmp_path / "run"
+    results = run_experiment(parse_config(exp_config), out, progress=False, log=lines.append)
+    # 3 strategies x 2 tasks x 1 seed; 6 train examples per task.
+    assert lines[0] == "plan: 3 strategies × 2 stages × 1 seed = at most 6 trainings (shared and cached work is reused); train examples per task: alpha 6, beta 6"
+    # Each sequential stage trains its task's examples once (1 epoch): the estimate is what the costs count.
+    total = sum(s["cost"]["tokens"] for s in results["strategies"].values())
+    assert lines[1].startswith(f"about {total} tokens to train where nothing is cached (a rough estimate")
+    estimates = [i for i, line in enumerate(lines) if line.startswith("first training: ")]
+    assert len(estimates) == 1 and lines[estimates[0] - 1].startswith("seq-fft seed 0 stage 1: ")
+    manifests = [json.loads(p.read_text()) for p in (out / "cache" / "contributions").glob("*/cairn.json")]
+    first = next(m["train"] for m in manifests if m["method"] == "fft" and m["task"] == "alpha")
+    speed = f"{first['tokens_per_s']:.0f}" if first["tokens_per_s"] < 1000 else f"{first['tokens_per_s'] / 1000:.1f}k"
+    assert lines[estimates[0]].startswith(f"first training: {speed} tokens/s; training the rest (up to ~{total - first['tokens']} tokens) should take about ")
+
+    again = []
+    run_experiment(parse_config(exp_config), out, progress=False, log=again.append)
+    assert again[0] == lines[0] and not any(line.startswith("first training: ") for line in again)  # nothing was trained
+
+
+def test_the_cost_sums_time_and_tokens_over_the_trainings_and_takes_the_largest_peak(tmp_path):
+    from cairn.experiment import Workspace
+
+    def contribution(name, wall_s, tokens, peak, params):
+        folder = tmp_path / name
+        folder.mkdir()
+        train = {"wall_s": wall_s, "tokens": tokens, "peak_mem_mb": peak, "trainable_params": params}
+        (folder / "cairn.json").write_text(json.dumps({"train": train}))
+        (folder / "weights").write_bytes(b"\0" * 2**20)
+        return folder
+
+    a, b = contribution("a", 1.5, 100, 30.0, 10), contribution("b", 2.5, 200, 50.0, 20)
+    work = Workspace(tmp_path, "tiny-random", tokenizer=None, used=[a, b, a])  # `a` used twice, trained once
+    assert work.cost() == {"train_wall_s": 4.0, "tokens": 300, "trainable_params": 20, "peak_mem_mb": 50.0, "disk_mb": 2.0}

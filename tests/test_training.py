@@ -296,3 +296,34 @@ def test_a_sparse_tied_lookup_gives_the_same_dense_gradient():
     frozen = add_lora(model, TrainConfig())  # a frozen embedding keeps its dense lookup
     with sparse_tied_lookup(frozen):
         assert not lookup.sparse
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_a_trainings_peak_memory_is_its_own_increase_whatever_ran_before_it():
+    # In a fresh process: a training whose every step holds 200 MB more (25 tensors of 8 MB, freed
+    # before the step ends, as activations are), then the same training after 400 MB were freed
+    # in the process. It reports its own 200 MB both times: not the process's resident size, and
+    # not less for reusing memory an earlier piece of work left behind.
+    script = """
+import copy, torch
+from cairn.data import Example
+from cairn.models import load_model
+from cairn.training import TrainConfig, train
+model, tokenizer = load_model("tiny-random")
+examples = [Example(f"Question: code of item {i}?\\nAnswer:", f"Z{i}q") for i in range(8)]
+cfg = TrainConfig(method="fft", epochs=2, batch_size=4, lr=1e-3, bf16=False)
+def activations(_model):
+    held = [torch.ones(2**21) for _ in range(25)]
+    return torch.zeros(()) * len(held)
+def peak():
+    return train(copy.deepcopy(model), tokenizer, examples, cfg, extra_loss=activations, progress=False).peak_mem_mb
+peak()  # the first training in a process also loads what every later one shares
+first = peak()
+freed = [torch.ones(2**21) for _ in range(50)]
+del freed
+print(first, peak())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    first, after_freeing = map(float, out.split())
+    assert 200 <= first < 330, first  # 200 MB and the training's own few tens (the process holds > 700)
+    assert abs(after_freeing - first) < 60, (first, after_freeing)  # without handing back the 400 MB: ~0

@@ -119,8 +119,11 @@ class Workspace:
         return result
 
     def cost(self) -> dict:
-        """Training cost of the contributions this run used (reused ones count what they cost)."""
-        manifests = [read_manifest(f) for f in self.used]
+        """Training cost of the contributions this run used (reused ones count what they cost, a
+        contribution used twice counts once): wall time and tokens summed over its trainings, every
+        stage's; trainable parameters and peak memory (each training's own rise over where it
+        started, `TrainResult.peak_mem_mb`) the largest of them."""
+        manifests = [read_manifest(f) for f in dict.fromkeys(self.used)]
         trains = [m["train"] for m in manifests if m]
         return {
             "train_wall_s": round(sum(t["wall_s"] for t in trains), 1),
@@ -156,6 +159,71 @@ def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
         failure["message"] = str(exc)
 
 
+def _plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
+def _human(x: float, unit: str = "") -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.1f}{prefix}{unit}"
+    return f"{x:.0f}{unit}"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+@dataclass
+class _Plan:
+    """What a run will train, logged once before it starts; once its first training has finished,
+    the time the rest should take at that training's speed. Token counts are a rough estimate: each
+    stage's task, its examples' tokens (from a sample of up to 200) times the epochs; joint and
+    replay train on more, shared and cached work is trained once or not at all."""
+
+    tasks: list[Task]
+    tokenizer: object
+    since: float = field(default_factory=time.time)  # manifests written after this are this run's trainings
+    left: float = 0.0  # estimated tokens still to train
+    measured: bool = False
+    _lengths: dict = field(default_factory=dict)
+
+    def stage_tokens(self, task: Task, cfg: TrainConfig) -> float:
+        """Estimated tokens one training of `task` under `cfg` trains."""
+        from cairn.data.batching import encode
+
+        key = (task.name, cfg.max_length)
+        if key not in self._lengths:
+            sample = list(task.train)[:200]
+            self._lengths[key] = sum(len(encode(ex, self.tokenizer, cfg.max_length)["input_ids"]) for ex in sample) / max(len(sample), 1)
+        return self._lengths[key] * len(task.train) * cfg.epochs
+
+    def start(self, cfg: ExperimentConfig, log) -> None:
+        n, runs = len(self.tasks), len(cfg.strategies) * len(cfg.seeds)
+        self.left = sum(self.stage_tokens(t, cfg.train_config(spec, seed)) for seed in cfg.seeds for spec in cfg.strategies for t in self.tasks)
+        log(
+            f"plan: {_plural(len(cfg.strategies), 'strategy', 'strategies')} × {_plural(n, 'stage')} × {_plural(len(cfg.seeds), 'seed')}"
+            f" = at most {_plural(runs * n, 'training')} (shared and cached work is reused); train examples per task: "
+            + ", ".join(f"{t.name} {len(t.train)}" for t in self.tasks)
+        )
+        log(f"about {_human(self.left)} tokens to train where nothing is cached (a rough estimate: each stage's examples' tokens × epochs; joint and replay train more)")
+
+    def stage_done(self, task: Task, cfg: TrainConfig, used: list[Path], log) -> None:
+        """Count a finished stage; after the first one that trained here, log how long the rest should take."""
+        from cairn.store import MANIFEST
+
+        self.left = max(self.left - self.stage_tokens(task, cfg), 0.0)
+        if self.measured:
+            return
+        for folder in used:
+            m = read_manifest(folder)
+            speed = m.get("train", {}).get("tokens_per_s") if m else None
+            if speed and (folder / MANIFEST).stat().st_mtime >= self.since:
+                self.measured = True
+                log(f"first training: {_human(speed, ' tokens/s')}; training the rest (up to ~{_human(self.left)} tokens) should take about {_duration(self.left / speed)}, evaluation aside")
+                return
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Path | None = None, progress: bool = True, log=print) -> dict | None:
     """Run every strategy for every seed; write per-stage rows and return the results dict.
 
@@ -176,6 +244,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
+    plan = _Plan(tasks, tokenizer) if main else None
+    if plan:
+        plan.start(cfg, log)
     work = Workspace(Path(cache) if cache else out / "cache", cfg.base, tokenizer, progress)
     r0, g0, p0 = _score_stage(work, base, tasks, probe, probes) if main else ([], None, {})
     if main:
@@ -210,6 +281,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
                 work.notes.clear()
                 atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **({"probes": extra} if extra else {}), **notes[-1]})
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
+                plan.stage_done(tasks[s - 1], train_cfg, work.used, log)
                 if tracker:
                     from cairn.tracking import log_stage
 

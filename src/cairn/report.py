@@ -89,7 +89,9 @@ def summary_rows(results: dict, part: str = "summary") -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEADER = ["strategy", *HEADLINE, "train s", "tokens", "trainable", "peak MB", "disk MB"]
+# The cost columns say what each one adds up: train s and tokens are sums over every training of
+# the run (not one stage's), trainable and memory the largest of its trainings (Workspace.cost).
+SUMMARY_HEADER = ["strategy", *HEADLINE, "train s (all stages)", "tokens (all stages)", "trainable (max)", "train peak +MB (max)", "disk MB (all)"]
 
 
 def _markdown(results: dict) -> str:
@@ -112,8 +114,10 @@ def _markdown(results: dict) -> str:
         out += [f"- {name}, seed {seed}, stage {d['stage']}: {d['message']}" for name, seed, d in diverged]
         out.append("")
     out += ["new = R[s][s]; retained = mean over j<s of R[s][j]; old_change = G[s] − G[0]; op = mean over j≤s of R[s][j];",
-            "bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s]. Cost: training time, tokens, trainable",
-            "parameters and peak memory of one stage, disk size of all contributions.", ""]
+            "bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s] (s ≥ 2). Cost of a strategy (with seeds, their mean):",
+            "train s and tokens summed over all its stages' trainings (a reused contribution counts what it cost); trainable, the",
+            "most parameters one of its trainings trained; train peak +MB, the largest rise of resident memory during one of its",
+            "trainings over the memory held when that training began; disk MB, the size of all its contributions.", ""]
     return "\n".join(out)
 
 

@@ -76,7 +76,9 @@ class TrainResult:
     steps: int = 0
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
-    peak_mem_mb: float = 0.0  # resident memory of the process, sampled at every optimizer step
+    # The training's own peak memory: the largest increase of the process's resident memory over
+    # its value when the training started, sampled at every optimizer step (train() says how).
+    peak_mem_mb: float = 0.0
     trainable_params: int = 0
     bf16: bool = False
 
@@ -369,6 +371,9 @@ def train(
     infinite loss raises `TrainingDiverged` before that step changes anything; the checkpoint on
     disk, written after a finite step, is kept.
     """
+    import ctypes
+    import gc
+
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -378,7 +383,14 @@ def train(
 
         raise DataError("no training examples")
     set_seed(cfg.seed)
-    reuse_freed_memory()
+    # Memory is counted from here, once earlier work's garbage is collected and the free heap it left
+    # is handed back to the OS: what an earlier training freed would otherwise be reused unseen, so a
+    # strategy's peak would depend on what ran before it in the process.
+    gc.collect()
+    if reuse_freed_memory():
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    process = psutil.Process()
+    start_mb = process.memory_info().rss / 2**20
     use_bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
     # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
@@ -416,7 +428,6 @@ def train(
     for key, value in (resume.progress if resume else {}).items():
         setattr(result, key, value)
     every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY[cfg.method]
-    process = psutil.Process()
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window = []
@@ -449,7 +460,7 @@ def train(
                 clipped_step(accelerator, optimizer, params, cfg.max_grad_norm)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20)
+                result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20 - start_mb)
                 result.steps += 1
                 result.losses.append(sum(window) / len(window))
                 window.clear()

@@ -12,7 +12,9 @@ SUMMARY_KEYS = ("new", "recent", "retained", "old", "old_change", "op", "bwt", "
 
 
 def per_stage(R: list[list[float]], G: list[float]) -> dict[str, list[float | None]]:
-    """Each metric at stages 1..n (None where undefined, e.g. recent at stage 1)."""
+    """Each metric at stages 1..n (None where undefined: recent, retained, bwt and fwt at stage 1;
+    fwt there would be R[0][1] - R[0][1], 0 whatever the strategy does, and would pull its
+    average towards 0)."""
     n = len(R) - 1
     r = lambda s, j: R[s][j - 1]  # noqa: E731  (1-based task index, as in the definitions)
     out: dict[str, list[float | None]] = {k: [] for k in SUMMARY_KEYS}
@@ -25,7 +27,7 @@ def per_stage(R: list[list[float]], G: list[float]) -> dict[str, list[float | No
         out["old_change"].append(G[s] - G[0] if G else None)
         out["op"].append(mean(r(s, j) for j in range(1, s + 1)))
         out["bwt"].append(mean(r(s, j) - r(j, j) for j in earlier) if s >= 2 else None)
-        out["fwt"].append(r(s - 1, s) - r(0, s))
+        out["fwt"].append(r(s - 1, s) - r(0, s) if s >= 2 else None)
     return out
 
 
