@@ -82,7 +82,7 @@ def test_usage_errors_and_help_return_their_code(capsys):
     (["generate", "--model", "bundled:nope", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1, got -1"),
     (["merge", "--method", "ties", "--base", "bundled:nope", "--inputs", "x", "--out", "o", "--as-adapter", "--rank", "0"], "--rank must be at least 1, got 0"),
     (["data", "inspect", "pack:people", "-n", "-1"], "-n must be at least 0, got -1"),
-    (["train", "--base", "bundled:nope", "--task", "pack:people", "--out", "o", "--seed", "-1"], "--seed must be between 0 and 4294967295"),
+    (["train", "--base", "bundled:nope", "--task", "pack:people", "--out", "o", "--seed", "-1"], "invalid training option: seed: Input should be greater than or equal to 0"),
 ])
 def test_numbers_below_their_minimum_are_refused_before_any_model_loads(capsys, argv, message):
     assert main(argv) == 4

@@ -545,7 +545,7 @@ def _fake_train_contribution(base, task, cfg, out, **_):
     assert isinstance(cfg, TrainConfig) and task.train, "the CLI must refuse a task without training examples"
     assert 0 <= cfg.seed < 2**32, "the CLI must refuse a seed that NumPy (seeded by training) cannot take"
     _fake_load_model(base)
-    return {"train": {"steps": 1, "losses": [0.5], "tokens": 1, "wall_s": 0.0, "tokens_per_s": 0.0}}
+    return {"method": cfg.method, "task": task.name, "train": {"steps": 1, "losses": [0.5], "tokens": 1, "wall_s": 0.0, "tokens_per_s": 0.0}}
 
 
 def _fake_evaluate_task(model, tokenizer, task, *, split="test", batch_size=32, progress=False):
@@ -564,7 +564,7 @@ def _fake_merge_models(base, inputs, out, opts, *, weights=None, adapter_rank=No
     assert adapter_rank is None or adapter_rank >= 1, "the CLI must refuse --rank below 1"
     if weights is not None and len(weights) != len(inputs):  # as merge_models checks before any I/O
         raise ModelError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
-    return {"wall_s": 0.0, "method": opts.method}
+    return {"wall_s": 0.0, "method": opts.method, "inputs": [str(p) for p in inputs]}
 
 
 def _fake_attach_experts(model, experts, opts, statistics=None):
@@ -584,7 +584,7 @@ def _fake_export_mixtral(base, inputs, out, *, router, top_k, **_):
     return {}
 
 
-def _fake_run_experiment(cfg, out, log=print):
+def _fake_run_experiment(cfg, out, log=print, **_):
     assert all(0 <= seed < 2**32 for seed in cfg.seeds), "the config must refuse seeds NumPy cannot take"
     cfg.load_tasks()  # the task sources are checked as the real runner checks them first
     return {"strategies": {}}

@@ -457,20 +457,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a record comes (tests redirect it)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def _log_to_stderr(command: str) -> None:
     """The library's notes (`logging.getLogger("cairn")`: what was replaced, what was cleaned up,
-    what could not be verified) as one line each on stderr."""
+    what could not be verified) as one line each on stderr, named after the command."""
     logger = logging.getLogger("cairn")
-    if not any(getattr(h, "cairn_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.cairn_cli = True
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    for h in logger.handlers:
-        if getattr(h, "cairn_cli", False):
-            h.setStream(sys.stderr)  # the current stderr (tests redirect it)
-            h.setFormatter(logging.Formatter(f"cairn {command}: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"cairn {command}: %(message)s"))
 
 
 if __name__ == "__main__":

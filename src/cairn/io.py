@@ -207,8 +207,15 @@ def exclusive(folder: Path | str, what: str) -> Iterator[None]:
     (flock), so a killed holder releases it."""
     from filelock import FileLock, Timeout
 
+    from cairn.errors import ConfigError
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder}: exists and is not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CairnError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from exc
     lock = FileLock(str(folder / ".lock"), timeout=0)
     try:
         lock.acquire()

@@ -8,6 +8,8 @@ import io
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
 from cairn.io import atomic_write_json, atomic_write_text
 
@@ -251,4 +253,50 @@ def load_results(out: Path) -> dict:
         raise DataError(f"{path}: expected a JSON object with the results, got {type(results).__name__}")
     if results.get("schema") != SCHEMA:
         raise DataError(f"{path}: results schema {results.get('schema')!r}, this Cairn reads schema {SCHEMA}")
+    problem = _shape_problem(results)
+    if problem:
+        raise DataError(f"{path}: incomplete or damaged results ({problem}); rerun `cairn run` on its config to rewrite it")
     return results
+
+
+# What a report reads from results.json (extra keys are allowed: later schemas add some).
+class _Cost(BaseModel):
+    train_wall_s: float
+    tokens: float
+    trainable_params: float
+    peak_mem_mb: float
+    disk_mb: float
+
+class _Strategy(BaseModel):
+    R: list[list[float]]
+    G: list[float | None] | None
+    summary: dict[str, float | None]
+    final: dict[str, float | None]
+    cost: _Cost
+
+class _Config(BaseModel):
+    name: str
+
+class _Results(BaseModel):
+    config: _Config
+    tasks: list[str]
+    seeds: list[int]
+    strategies: dict[str, _Strategy]
+
+
+def _shape_problem(results: dict) -> str | None:
+    """What a report needs from results.json and this one lacks (the first such), or None."""
+    try:
+        shaped = _Results.model_validate(results)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+    for name, s in shaped.strategies.items():
+        if not s.R or any(len(row) != len(shaped.tasks) for row in s.R):
+            return f"strategies.{name}.R: expected rows of {len(shaped.tasks)} scores, one per task"
+        if s.G is not None and len(s.G) != len(s.R):
+            return f"strategies.{name}.G: {len(s.G)} values for {len(s.R)} stages"
+        missing = [k for k in HEADLINE if k not in s.summary or k not in s.final]
+        if missing:
+            return f"strategies.{name}: summary or final lacks {', '.join(missing)}"
+    return None
