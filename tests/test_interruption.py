@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 TRIALS = 10
@@ -83,3 +84,87 @@ def test_runs_killed_at_random_moments_resume_to_the_same_results(tmp_path):
         assert scores(out) == reference, f"trial {trial}: results differ from the uninterrupted run"
     print(f"{TRIALS} trials, {killed} killed mid-run, 0 failures")
     assert killed >= TRIALS // 2  # most trials really were interrupted
+
+
+# --- commands killed while they write -------------------------------------------------------------
+
+KILL_TRIALS = int(os.environ.get("CAIRN_KILL_TRIALS", "3"))  # 10 for the figures in the closing note of issue 21
+
+
+def _killed_while_writing(argv: list[str], parent: Path, rng: random.Random, cwd: Path) -> str:
+    """Start `cairn ARGV`; once its temporary output appears in `parent`, SIGKILL it after a random
+    delay. Returns 'killed writing', 'killed before writing' or 'finished'."""
+    proc = subprocess.Popen([sys.executable, "-m", "cairn.cli", *argv], env=ENV, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.perf_counter() + 120
+    while proc.poll() is None and time.perf_counter() < deadline:
+        if any(p.name.endswith(".tmp") for p in parent.glob(".*")):
+            time.sleep(rng.uniform(0, 0.3))
+            proc.kill()
+            proc.wait()
+            return "killed writing"
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        return "killed before writing"
+    return "finished"
+
+
+def _complete(folder: Path) -> bool:
+    from cairn.store import read_manifest, verify_files
+
+    manifest = read_manifest(folder)
+    return manifest is not None and not verify_files(folder, manifest["files"])
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> Path:
+    from cairn.data import load_task
+    from cairn.training import TrainConfig, train_contribution
+
+    root = tmp_path_factory.mktemp("kill")
+    rows = [{"prompt": f"Question: code {i}?\nAnswer:", "answer": f"c{i}", "split": s} for i in range(16) for s in ("train", "test")]
+    (root / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("a", "b"):
+        train_contribution("tiny-random", load_task(str(root / "t.jsonl")), TrainConfig(epochs=1, batch_size=4, seed=len(name)), root / name, progress=False)
+    return root
+
+
+COMMANDS = {
+    "train": ["train", "--base", "tiny-random", "--task", "t.jsonl", "--epochs", "2", "--batch-size", "4", "--no-eval", "--out"],
+    "merge": ["merge", "--method", "ties", "--base", "tiny-random", "--inputs", "./a", "./b", "--out"],
+    "mix": ["mix", "--router", "centroid", "--base", "tiny-random", "--inputs", "./a", "./b", "--out"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_command_killed_while_writing_leaves_no_output_a_later_command_takes_for_complete(adapters, command):
+    rng = random.Random(command)
+    outcomes = []
+    for trial in range(KILL_TRIALS):
+        out = adapters / "outputs" / command / f"trial-{trial}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        outcomes.append(_killed_while_writing([*COMMANDS[command], str(out)], out.parent, rng, adapters))
+        assert not out.exists() or _complete(out), f"trial {trial} ({outcomes[-1]}): {out} exists but is incomplete"
+    assert outcomes.count("killed writing") >= KILL_TRIALS // 2 + 1, outcomes
+    finished = subprocess.run([sys.executable, "-m", "cairn.cli", *COMMANDS[command], str(out)], env=ENV, cwd=adapters, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert _complete(out)
+    assert not [p.name for p in out.parent.glob(".*")], "the temporaries of the killed commands were left behind"
+
+
+def test_a_store_add_killed_while_copying_leaves_the_store_whole(adapters):
+    from cairn.store import Store
+
+    rng = random.Random(0)
+    store = adapters / "kill-store"
+    outcomes = []
+    for trial in range(KILL_TRIALS):
+        (store / "items").mkdir(parents=True, exist_ok=True)
+        outcomes.append(_killed_while_writing(["store", "--store", str(store), "add", "a", "--name", f"a{trial}"], store / "items", rng, adapters))
+        assert all(not problems for problems in Store(store).verify().values()), f"trial {trial}: an indexed contribution is incomplete"
+    assert outcomes.count("killed writing") >= KILL_TRIALS // 2 + 1, outcomes
+    added = subprocess.run([sys.executable, "-m", "cairn.cli", "store", "--store", str(store), "add", "a", "--name", "last"], env=ENV, cwd=adapters, capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert not [p.name for p in (store / "items").glob(".*")], "the temporaries of the killed adds were left behind"
+    assert all(not problems for problems in Store(store).verify().values())
