@@ -154,6 +154,12 @@ def test_the_current_folder_and_its_parents_are_never_an_output(capsys, here, ou
     assert not any(p.name.endswith(".old") for p in here.parent.iterdir())
 
 
+@pytest.mark.parametrize("command", [[*TRAIN, "--out"], [*MERGE, "--inputs", "./a", "--out"], ["run", "run.yaml", "--out"]], ids=["train", "merge", "run"])
+def test_a_symlink_loop_as_output_is_a_clean_error(capsys, here, command):
+    (here / "loop").symlink_to("loop")
+    refused(capsys, here, [*command, "loop"], 4, "loop", "symbolic link")
+
+
 def test_a_file_as_output_folder_is_refused(capsys, here):
     refused(capsys, here, [*TRAIN, "--out", "t.jsonl"], 4, "t.jsonl", "is a file")
 

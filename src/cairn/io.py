@@ -172,6 +172,16 @@ def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> It
         raise
 
 
+def resolved(path: Path, flag: str = "--out") -> Path:
+    """`path` made absolute with its links followed; a link loop is the user's error, not a traceback."""
+    from cairn.errors import ConfigError
+
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: Python 3.11's report of a symlink loop
+        raise ConfigError(f"{flag} {path}: cannot follow its symbolic links ({exc}); remove the link or name another path") from None
+
+
 def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, flag: str = "--out") -> None:
     """Refuse to write `what` at `out` where that would destroy files Cairn did not write there.
 
@@ -184,7 +194,7 @@ def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, 
 
     out = Path(out)
     here = Path.cwd().resolve()
-    target = out.resolve()
+    target = resolved(out, flag)
     if target == here or target in here.parents:
         raise ConfigError(f"{flag} {out}: is {'the current folder' if target == here else 'a folder that contains the current one'}; name a new folder for {what}")
     if not out.exists() and not out.is_symlink():
@@ -210,6 +220,7 @@ def exclusive(folder: Path | str, what: str) -> Iterator[None]:
     from cairn.errors import ConfigError
 
     folder = Path(folder)
+    resolved(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder}: exists and is not a folder; choose another --out")
     try:
