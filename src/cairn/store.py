@@ -2,31 +2,105 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
+import stat
+import unicodedata
 from pathlib import Path
 
-from cairn.errors import CairnError
-from cairn.io import atomic_write_json, check_free_space
+from cairn.errors import CairnError, DataError, ModelError
+from cairn.io import atomic_write_json, check_free_space, follow_umask_tree, remove_stale_temps, temp_dir
 
 MANIFEST = "cairn.json"
+
+log = logging.getLogger("cairn")
+
+
+def _link_target(link: Path, root: Path) -> Path:
+    """The file a symbolic link inside `root` stands for, or a DataError naming the link and its target.
+
+    A link to a file inside `root` counts as a copy of that file: its hash, and its copy in the
+    store, are the target's content, so a manifest written over the folder stays true of the copy
+    (a contributor may link a shared config rather than duplicate it). Everything else is refused:
+    a link that leaves `root` (`store add` would copy, say, ~/.ssh into a shared store), one that
+    dangles or loops, and one to a folder (it can loop back on its parents, and would put one
+    subtree in the store under two names)."""
+    shown = os.readlink(link)
+    try:
+        target = Path(os.path.realpath(link, strict=True))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{link}: symbolic link loop (-> {shown}); expected a file, or a link to a file in {root}") from None
+        raise DataError(f"{link}: symbolic link to {shown}, which does not exist; expected a file, or a link to a file in {root}") from None
+    inside = Path(os.path.realpath(root))
+    if target != inside and inside not in target.parents:
+        raise DataError(f"{link}: symbolic link to {shown}, outside {root}; copy the file into the folder instead of linking to it")
+    if not target.is_file():
+        raise DataError(f"{link}: symbolic link to the folder {shown}; expected a file, or a link to a file in {root}")
+    return target
+
+
+def _contents(folder: Path) -> list[tuple[str, Path]]:
+    """(name relative to `folder`, path to read) of every file in `folder`, recursively, sorted by
+    name; walks without following links (see `_link_target` for what a link may be), and refuses
+    pipes, sockets and devices (reading a pipe would wait forever)."""
+    folder = Path(folder)
+    out = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise DataError(f"{current}: cannot read the folder ({exc.strerror or exc})") from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            if stat.S_ISLNK(mode):
+                out.append((str(path.relative_to(folder)), _link_target(path, folder)))
+            elif stat.S_ISDIR(mode):
+                pending.append(path)
+            elif stat.S_ISREG(mode):
+                out.append((str(path.relative_to(folder)), path))
+            else:
+                raise DataError(f"{path}: not a regular file or folder (a pipe, socket or device); expected only files")
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return h.hexdigest()
 
 
 def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file in `folder` (recursively) except the manifest; `known` gives hashes
-    already computed while writing (relative path -> hex digest)."""
+    already computed while writing (relative path -> hex digest). A symbolic link that does not
+    stand for a file inside `folder` is a DataError."""
     out = dict(known or {})
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in out:
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(p.relative_to(folder))] = h.hexdigest()
+    for name, source in _contents(folder):
+        if Path(name).name != MANIFEST and name not in out:
+            out[name] = _sha256(source)
     return out
+
+
+def files_digest(files: dict) -> str:
+    """sha256 of a manifest's `files` mapping: what the store's index records for each contribution."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -37,8 +111,6 @@ def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    from cairn.errors import DataError
-
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -67,12 +139,33 @@ def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
     """Problems found comparing a folder's files with the sha256 its manifest recorded."""
     if not (isinstance(expected, dict) and all(isinstance(d, str) for d in expected.values())):
         return [f"{MANIFEST}: 'files' is not a mapping of file name to sha256"]
-    actual = file_hashes(folder)
+    try:
+        actual = file_hashes(folder)
+    except DataError as exc:  # a link leaving the folder, a loop, an unreadable file
+        return [str(exc)]
     problems = [f"{name}: missing" for name in expected if name not in actual]
     problems += [f"{name}: sha256 {actual[name][:12]} != recorded {digest[:12]} (modified or corrupt)"
                  for name, digest in expected.items() if name in actual and actual[name] != digest]
     problems += [f"{name}: not in the manifest" for name in actual if name not in expected]
     return problems
+
+
+def _copy(contents: list[tuple[str, Path]], dest: Path) -> dict[str, str]:
+    """Copy each (name, source) into `dest` as a new file (links become the files they stand
+    for; modes follow the umask, not the source's), hashing as it goes; returns name -> sha256."""
+    hashes = {}
+    for name, source in contents:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        # O_NOFOLLOW: a file swapped for a link since the walk is refused, not followed
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as src, target.open("xb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        hashes[name] = h.hexdigest()
+    return hashes
 
 
 class Store:
@@ -81,9 +174,12 @@ class Store:
     Layout: `ROOT/items/<ID>/` holds a contribution's files; `ROOT/index.json` lists them. Adding
     copies to a temporary folder first, then takes a file lock only to claim the ID, rename and
     rewrite the index, so concurrent writers never lose an entry and readers never see half a copy.
+    Everything the store writes has the permissions the user's umask gives (a shared store stays
+    readable by the group when the umask allows).
     """
 
     ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}"
+    ID_MAX = 80
     _ENTRY_FIELDS = ("id", "task", "method", "base_fingerprint", "digest")
 
     def __init__(self, root: Path | str):
@@ -94,11 +190,9 @@ class Store:
         from filelock import FileLock
 
         self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"), timeout=120)
+        return FileLock(str(self.root / ".lock"), timeout=120)  # created with the umask's permissions
 
     def _index(self) -> dict:
-        from cairn.errors import DataError
-
         path = self.root / "index.json"
         if not path.is_file():
             return {"schema": 1, "entries": {}}
@@ -117,18 +211,25 @@ class Store:
         return index
 
     def _check_id(self, cid: str) -> str:
-        import re
-
-        from cairn.errors import DataError
-
         if not re.fullmatch(self.ID_PATTERN, cid) or cid.strip(".") == "":
-            raise DataError(f"invalid contribution id {cid!r}: use letters, digits, '.', '_' or '-' (at most 80), starting with a letter or digit")
+            raise DataError(f"invalid contribution id {cid!r}: use letters, digits, '.', '_' or '-' (at most {self.ID_MAX}), starting with a letter or digit")
         return cid
 
-    def add(self, path: Path | str, name: str | None = None) -> dict:
-        """Copy the contribution at `path` into the store (after checking its files) and index it."""
-        from cairn.errors import DataError
+    @classmethod
+    def derive_id(cls, task: str, method: str, digest: str) -> str:
+        """`TASK-METHOD-HASH`, made a valid ID: accented letters lose their accents (NFKD), other
+        characters outside [A-Za-z0-9_.-] become '_', and the name is cut to fit, keeping the hash."""
+        suffix = f"-{digest[:10]}"
+        text = "".join(c for c in unicodedata.normalize("NFKD", f"{task}-{method}") if not unicodedata.combining(c))
+        text = re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("._-")[: cls.ID_MAX - len(suffix)]
+        return text + suffix if text else digest[:10]
 
+    def add(self, path: Path | str, name: str | None = None) -> dict:
+        """Copy the contribution at `path` into the store (after checking its files) and index it.
+
+        Temporaries that killed adds left in `items/` are removed first. A folder `items/ID` that
+        the index does not list (an add killed between its rename and its index write) is indexed
+        if it holds this very contribution, and replaced otherwise; the log says which."""
         path = Path(path)
         manifest = read_manifest(path) if path.is_dir() else None
         if manifest is None:
@@ -138,26 +239,45 @@ class Store:
                 raise DataError(f"{path}/{MANIFEST}: missing field {key!r}")
             if key != "files" and not isinstance(manifest[key], str):
                 raise DataError(f"{path}/{MANIFEST}: field {key!r} must be a string, got {type(manifest[key]).__name__}")
+        contents = _contents(path)  # refuses links leaving the folder, loops, pipes
         problems = verify_files(path, manifest["files"])
         if problems:
             raise DataError(f"{path}: files do not match {MANIFEST}: " + "; ".join(problems))
-        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
-        cid = self._check_id(name if name is not None else f"{manifest['task']}-{manifest['method']}-{digest[:10]}".replace("/", "_").replace(":", "_"))
+        digest = files_digest(manifest["files"])
+        cid = self._check_id(name if name is not None else self.derive_id(manifest["task"], manifest["method"], digest))
         try:
             self.items.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"{self.root}: cannot create the store there ({exc.strerror})") from exc
-        check_free_space(self.items, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), f"contribution {cid!r}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", suffix=".tmp", dir=self.items))
+        remove_stale_temps(self.items)
+        check_free_space(self.items, sum(source.stat().st_size for _, source in contents), f"contribution {cid!r}")
+        tmp = temp_dir(self.items, cid)
         try:
-            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            try:
+                copied = _copy(contents, tmp)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise CairnError(f"{self.items}: the disk filled up while copying {path}; the store is unchanged (free some space and rerun)") from exc
+                raise DataError(f"{path}: cannot copy it into the store ({exc.strerror or exc}: {exc.filename})") from exc
+            if read_manifest(tmp) != manifest or {n: h for n, h in copied.items() if Path(n).name != MANIFEST} != manifest["files"]:
+                raise DataError(f"{path}: changed while it was being copied into the store; nothing was added (rerun when it is complete)")
+            follow_umask_tree(tmp)
             with self._lock():
                 index = self._index()
                 if cid in index["entries"]:
                     if index["entries"][cid]["digest"] == digest:
                         return index["entries"][cid]
                     raise DataError(f"contribution id {cid!r} is taken by different files; choose another --name")
-                os.replace(tmp, self.items / cid)
+                item = self.items / cid
+                if item.exists() or item.is_symlink():
+                    if self._holds(item, manifest):
+                        log.warning(f"{item}: in the store but not in its index (an interrupted `store add`); it holds the same files as {path}, so it is indexed as it is")
+                    else:
+                        log.warning(f"{item}: in the store but not in its index (an interrupted `store add`), with other files than {path}; replaced by {path}")
+                        self._discard(item)
+                        os.replace(tmp, item)
+                else:
+                    os.replace(tmp, item)
                 entry = {
                     "id": cid,
                     "task": manifest["task"],
@@ -174,12 +294,27 @@ class Store:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @staticmethod
+    def _holds(item: Path, manifest: dict) -> bool:
+        """Whether the unindexed `item` is a whole copy of the contribution `manifest` describes."""
+        if item.is_symlink() or not item.is_dir():
+            return False
+        try:
+            return read_manifest(item) == manifest and not verify_files(item, manifest["files"])
+        except CairnError:
+            return False
+
+    def _discard(self, item: Path) -> None:
+        """Remove an unindexed entry of `items/`: renamed into a temporary first (one step, so a
+        kill midway leaves a temporary the next add removes, never half an item under its ID)."""
+        aside = temp_dir(self.items, f"{item.name}-unindexed")
+        os.replace(item, aside / item.name)
+        shutil.rmtree(aside, ignore_errors=True)
+
     def list(self) -> list[dict]:
         return list(self._index()["entries"].values())
 
     def path(self, cid: str) -> Path:
-        from cairn.errors import DataError
-
         self._check_id(cid)
         if cid not in self._index()["entries"]:
             raise DataError(f"no contribution {cid!r} in the store {self.root}; `cairn store list` shows what is there")
@@ -189,19 +324,42 @@ class Store:
         return read_manifest(self.path(cid)) or {}
 
     def verify(self, cid: str | None = None) -> dict[str, list[str]]:
-        """Recompute every file hash; returns {id: problems} (empty lists when all is well)."""
-        ids = [cid] if cid else [e["id"] for e in self.list()]
+        """Recompute every file hash, and check each manifest against what the index recorded when
+        it was added; returns {id: problems} (empty lists when all is well)."""
+        if cid:
+            self.path(cid)  # a valid, indexed ID
+        entries = self._index()["entries"]
+        ids = [cid] if cid else list(entries)
         report = {}
         for i in ids:
-            folder = self.path(i)
-            manifest = read_manifest(folder) if folder.is_dir() else None
-            report[i] = ["folder or manifest missing"] if manifest is None else verify_files(folder, manifest.get("files"))
+            folder = self.items / i
+            try:
+                manifest = read_manifest(folder) if folder.is_dir() and not folder.is_symlink() else None
+            except DataError as exc:
+                report[i] = [str(exc)]
+                continue
+            if manifest is None:
+                report[i] = [f"{folder}: folder or manifest missing"]
+                continue
+            report[i] = verify_files(folder, manifest.get("files")) + self._against_index(folder, manifest, entries[i])
         return report
+
+    @staticmethod
+    def _against_index(folder: Path, manifest: dict, entry: dict) -> list[str]:
+        """Where an item's manifest no longer says what the index recorded: editing the weights and
+        the manifest's hashes together passes the file check, not this one."""
+        problems = []
+        files = manifest.get("files")
+        if isinstance(files, dict) and files_digest(files) != entry["digest"]:
+            problems.append(f"{folder / MANIFEST}: its 'files' digest {files_digest(files)[:12]} != {entry['digest'][:12]} "
+                            "recorded in index.json when it was added (the manifest was edited since)")
+        for key in ("task", "method", "base_fingerprint"):
+            if manifest.get(key) != entry[key]:
+                problems.append(f"{folder / MANIFEST}: {key} {str(manifest.get(key))[:40]!r} != {entry[key][:40]!r} recorded in index.json")
+        return problems
 
     def resolve(self, cid: str, base_fingerprint: str | None = None) -> Path:
         """The folder of a verified contribution; refuses tampered files or another base model."""
-        from cairn.errors import DataError, ModelError
-
         problems = self.verify(cid)[cid]
         if problems:
             raise DataError(f"contribution {cid!r} failed verification: " + "; ".join(problems))
