@@ -129,3 +129,43 @@ def test_bad_dates_numbers_and_deep_nesting_are_config_errors(tmp_path, text, me
 def test_seeds_numpy_cannot_take_are_refused(seed, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({**QUICKSTART, "seeds": [seed]})
+
+
+def test_option_models_parse_their_keywords_into_config_errors_that_name_each_key():
+    from cairn.training import TrainConfig
+
+    assert TrainConfig.parse("invalid training option", epochs=2).epochs == 2
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.parse("invalid training option", epochs=0, lora_rank=4)
+    assert str(err.value).startswith("invalid training option: unknown key(s) 'lora_rank'; allowed: method, epochs")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.parse("invalid training option", epochs=0)
+    assert str(err.value) == "invalid training option: epochs: Input should be greater than or equal to 1" and err.value.exit_code == 4
+
+
+def test_a_problem_of_a_whole_section_is_reported_without_a_placeholder_key():
+    with pytest.raises(ConfigError) as err:
+        parse_config({**QUICKSTART, "seeds": [1, 1]})
+    assert str(err.value) == "config: seeds must be unique, got [1, 1]"
+
+
+def test_options_read_back_from_a_dump_count_only_what_was_written():
+    from cairn.methods.merging import MergeOptions
+    from cairn.validation import SAVED, given
+
+    assert given(MergeOptions(method="ties", **{"lambda": 0.5})) == ["method", "lambda"]  # aliases, in field order
+    assert given(MergeOptions(method="ties", density=1.0)) == ["method", "density"]  # a default given is given
+    dump = MergeOptions(method="ties", density=0.5).model_dump()
+    assert given(MergeOptions(**dump)) == ["density"]  # a complete dump: its values off the defaults
+    assert given(MergeOptions.model_validate(dump, context=SAVED), None) == ["density"]  # no context outside validation
+
+
+def test_a_sweep_of_a_merges_lambda_reaches_its_options_and_a_point_its_router_cannot_read_is_refused():
+    from cairn.sweep import experiments
+
+    strategies = [{"name": "u", "kind": "moe", "router": "uniform"}, {"name": "m", "kind": "merge", "method": "ties", "lambda": 0.5}]
+    cfg = parse_config({**QUICKSTART, "strategies": strategies, "sweep": {"set": {"strategies.m.lambda": [0.2, 0.4]}}})
+    configs, _ = experiments(cfg, cfg.sweep)
+    assert [s.typed_options().lambda_ for s in configs[0].strategies if s.kind == "merge"] == [0.2, 0.4]
+    with pytest.raises(ConfigError, match=r"strategy 'u\.top_k-3' \(moe\): top_k does not apply to router uniform"):
+        parse_config({**QUICKSTART, "strategies": strategies, "sweep": {"set": {"strategies.u.top_k": [3]}}})

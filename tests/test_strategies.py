@@ -121,3 +121,43 @@ def test_a_semi_strategy_cannot_read_an_earlier_task_later(tmp_path):
     finally:
         del STRATEGIES["peek"]
     assert [t.name for t in seen] == ["a", "b"] and all(not t.train for t in seen)
+
+
+def test_olora_with_full_fine_tuning_is_refused_when_the_config_is_read_naming_the_strategy():
+    for train in ({"train": {"method": "fft"}}, {}):
+        config = {**QUICKSTART, "strategies": [{"name": "ortho", "kind": "olora", **train}]}
+        if not train:  # the experiment's own training method counts too
+            config["train"] = {**QUICKSTART["train"], "method": "fft"}
+        with pytest.raises(ConfigError, match=r"strategy 'ortho' \(kind olora\) trains with method lora only, got train method 'fft'; set train: \{method: lora\}"):
+            parse_config(config)
+    assert parse_config({**QUICKSTART, "strategies": [{"name": "ortho", "kind": "olora", "lambda1": 0.5}]}).strategies[0].typed_options().lambda1 == 0.5
+
+
+def test_each_strategy_declares_the_training_methods_it_trains_with():
+    assert STRATEGIES["olora"].methods == ("lora",)
+    assert all(STRATEGIES[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe"))
+    STRATEGIES["olora"].check(STRATEGIES["olora"].options(), TrainConfig(method="lora"))  # what it declares it runs
+    with pytest.raises(ValueError, match="trains with method lora only"):
+        STRATEGIES["olora"].check(STRATEGIES["olora"].options(), TrainConfig(method="fft"))
+
+
+def test_a_registered_strategy_checks_its_options_against_the_training_config_when_the_config_is_read():
+    def fits(opts, cfg):
+        if cfg.epochs > 1:
+            raise ConfigError("one epoch or none")
+
+    register("once", fits=fits)(lambda model, stream, opts, cfg, work: iter(()))
+    try:
+        with pytest.raises(ConfigError, match=r"strategy 'o' \(kind once\) with train method lora: one epoch or none"):
+            parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once"}]})
+        assert parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once", "train": {"epochs": 1}}]}).strategies[0].kind == "once"
+    finally:
+        del STRATEGIES["once"]
+
+
+def test_a_strategys_options_remember_which_keys_the_config_set():
+    cfg = parse_config({**QUICKSTART, "strategies": [{"name": "m", "kind": "merge", "method": "ties", "lambda": 0.5}]})
+    spec = cfg.strategies[0]
+    assert spec.typed_options().model_fields_set == {"method", "lambda_"}
+    assert spec.options == {"method": "ties", "density": 1.0, "lambda": 0.5, "normalize": None, "seed": 0}  # what runs, under its YAML names
+    assert spec.typed_options() is not spec.typed_options()  # a copy each time: a strategy cannot change the config's

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cairn.data.task import METRICS
 from cairn.errors import ConfigError
@@ -44,6 +44,7 @@ class StrategySpec(BaseModel):
     kind: str
     train: dict = Field(default_factory=dict)
     options: dict = Field(default_factory=dict)
+    _typed: Strict | None = PrivateAttr(None)  # the options as validated: it knows which the user set
 
     @model_validator(mode="before")
     @classmethod
@@ -67,16 +68,24 @@ class StrategySpec(BaseModel):
         from cairn.strategies import STRATEGIES
 
         try:
-            self.options = STRATEGIES[self.kind].options.model_validate(self.options).model_dump()
+            self._typed = STRATEGIES[self.kind].options.model_validate(self.options)
         except ValidationError as exc:
-            allowed = ", ".join(["name", "kind", "train", *STRATEGIES[self.kind].options.model_fields])
-            raise ValueError(f"{config_error(exc, f'strategy {self.name!r} ({self.kind})')} (keys allowed: {allowed})") from None
+            message = str(config_error(exc, f"strategy {self.name!r} ({self.kind})"))
+            if any("unknown key" in e["msg"] for e in exc.errors()):  # the strategy's own keys are allowed too
+                fields = STRATEGIES[self.kind].options.model_fields
+                message += f" (keys allowed: {', '.join(['name', 'kind', 'train', *(f.alias or k for k, f in fields.items())])})"
+            raise ValueError(message) from None
+        # every option, defaults included (results.json shows what ran), under its YAML name (`lambda`)
+        self.options = self._typed.model_dump(by_alias=True)
         return self
 
     def typed_options(self):
-        from cairn.strategies import STRATEGIES
+        """The strategy's options object (a copy), which knows which options the user set."""
+        if self._typed is None:  # built without validation (model_construct)
+            from cairn.strategies import STRATEGIES
 
-        return STRATEGIES[self.kind].options(**self.options)
+            self._typed = STRATEGIES[self.kind].options.model_validate(self.options)
+        return self._typed.model_copy(deep=True)
 
 
 class SweepSpec(Strict):
@@ -123,12 +132,17 @@ class ExperimentConfig(Strict):
         from cairn.strategies import STRATEGIES
 
         for s in self.strategies:
-            self.train_config(s, self.seeds[0])  # every merged training config must validate
-            if self.setting == "semi" and STRATEGIES[s.kind].reads_history(s.typed_options()):
+            train = self.train_config(s, self.seeds[0])  # every merged training config must validate
+            strategy, opts = STRATEGIES[s.kind], s.typed_options()
+            if self.setting == "semi" and strategy.reads_history(opts):
                 raise ValueError(
                     f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
                     "does not keep; use setting: full, or a semi-collaborative strategy"
                 )
+            try:
+                strategy.check(opts, train)  # what the strategy declares it can run, before any model is loaded
+            except ValueError as exc:
+                raise ValueError(f"strategy {s.name!r} (kind {s.kind}) {exc}") from None
         if self.sweep is not None:  # every grid point and task order must give a valid experiment
             from cairn.sweep import experiments
 

@@ -9,7 +9,9 @@ to evaluate after each stage. What the stream holds is the data boundary between
 - a strategy registered with `needs_history=True` (fully-collaborative only; or a function of its
   options, e.g. `moe` with a `trained` router) gets `(task, earlier_tasks)` pairs.
 
-Strategies never see eval or test splits.
+Strategies never see eval or test splits. What a strategy can run is declared with it (the
+training methods it trains with, a check of its options against the training config), so an
+experiment config is refused when it is read, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 from pydantic import Field
 
 from cairn.data.task import Task
+from cairn.errors import ConfigError
 from cairn.validation import Strict
+
+if TYPE_CHECKING:
+    from cairn.training import TrainConfig
 
 
 class NoOptions(Strict):
     pass
+
+
+TRAIN_METHODS = ("lora", "fft")  # TrainConfig.method's values
 
 
 @dataclass(frozen=True)
@@ -34,17 +43,31 @@ class Strategy:
     fn: Callable[..., Iterator]
     options: type[Strict] = NoOptions
     needs_history: bool | Callable[[Strict], bool] = False  # reads earlier tasks' data (full setting only); may depend on the options
+    methods: tuple[str, ...] = TRAIN_METHODS  # the training methods (TrainConfig.method) it trains with
+    fits: Callable[[Strict, TrainConfig], None] | None = None  # raises ValueError/ConfigError where its options do not go with the training
 
     def reads_history(self, opts: Strict) -> bool:
         return self.needs_history(opts) if callable(self.needs_history) else self.needs_history
+
+    def check(self, opts: Strict, cfg: TrainConfig) -> None:
+        """Raise ValueError (its message follows "strategy NAME (kind KIND) ") where this strategy
+        cannot run options `opts` with the training config `cfg`."""
+        if cfg.method not in self.methods:
+            raise ValueError(f"trains with method {' or '.join(self.methods)} only, got train method {cfg.method!r}; set train: {{method: {self.methods[0]}}}")
+        if self.fits is not None:
+            try:
+                self.fits(opts, cfg)
+            except ConfigError as exc:
+                raise ValueError(f"with train method {cfg.method}: {exc}") from None
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(kind: str, options: type[Strict] = NoOptions, needs_history: bool | Callable[[Strict], bool] = False):
+def register(kind: str, options: type[Strict] = NoOptions, needs_history: bool | Callable[[Strict], bool] = False, *,
+             methods: tuple[str, ...] = TRAIN_METHODS, fits: Callable[[Strict, TrainConfig], None] | None = None):  # fmt: skip
     def add(fn):
-        STRATEGIES[kind] = Strategy(fn, options, needs_history)
+        STRATEGIES[kind] = Strategy(fn, options, needs_history, tuple(methods), fits)
         return fn
 
     return add

@@ -79,6 +79,44 @@ def test_dare_drops_with_the_density_and_rescales_survivors():
 
 def test_lambda_is_accepted_under_its_yaml_name():
     assert MergeOptions(**{"method": "ties", "lambda": 0.5}).lambda_ == 0.5
+
+
+@pytest.mark.parametrize("method, given, message", [
+    ("average", {"density": 0.5}, "density does not apply to average; it reads: normalize"),
+    ("average", {"lambda": 2.0, "seed": 1}, "lambda, seed do not apply to average; it reads: normalize"),
+    ("task_arithmetic", {"density": 0.5}, "density does not apply to task_arithmetic; it reads: lambda, normalize"),
+    ("ties", {"seed": 3}, "seed does not apply to ties; it reads: density, lambda, normalize"),
+])  # fmt: skip
+def test_a_parameter_the_method_does_not_read_is_refused_when_the_options_are_built(method, given, message):
+    from pydantic import ValidationError
+
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ValidationError, match=message):
+        MergeOptions(method=method, **given)
+    with pytest.raises(ConfigError) as err:
+        MergeOptions.parse("invalid merge option", method=method, **given)
+    assert str(err.value) == f"invalid merge option: {message}" and err.value.exit_code == 4
+
+
+def test_a_merge_strategy_with_a_parameter_its_method_does_not_read_is_refused_when_the_config_is_read():
+    from cairn.config import QUICKSTART, parse_config
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strategies\.0: strategy 'm' \(merge\): density does not apply to average; it reads: normalize$"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "m", "kind": "merge", "method": "average", "density": 0.5}]})
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_every_method_takes_the_parameters_it_reads_its_defaults_and_its_saved_options(method):
+    from cairn.methods.merging import METHODS
+    from cairn.validation import SAVED
+
+    reads = {"density": 0.5, "lambda": 0.8, "seed": 4}
+    opts = MergeOptions(method=method, normalize=False, **{k: v for k, v in reads.items() if k in METHODS[method].uses})
+    assert MergeOptions(**opts.model_dump()) == opts == MergeOptions(**opts.model_dump(by_alias=True))  # a dump reads back
+    assert MergeOptions.model_validate({"method": method, **reads}, context=SAVED).density == 0.5  # as saved, unchecked
+    assert MergeOptions(method=method).kwargs()["density"] == 1.0  # the defaults are every method's
     with pytest.raises(ValueError, match="allowed: method, density, lambda"):
         MergeOptions(method="ties", lamda=0.5)
 
@@ -170,7 +208,7 @@ def state(folder):
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
 def test_adapter_deltas_merge_like_the_full_models_they_stand_for(folders, tmp_path, method):
     base_dir, adapters, fulls = folders
-    opts = MergeOptions(method=method, density=0.5 if method == "ties" else 1.0)
+    opts = MergeOptions(method=method, **({"density": 0.5} if method == "ties" else {}))
     merge_models(base_dir, adapters, tmp_path / "from-adapters", opts, progress=False)
     merge_models(base_dir, fulls, tmp_path / "from-full", opts, progress=False)
     a, f = state(tmp_path / "from-adapters"), state(tmp_path / "from-full")
@@ -236,10 +274,10 @@ def test_cli_merge_and_its_errors(folders, tmp_path, capsys):
     assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", *map(str, fulls), "--density", "0.5", "--out", str(out)]) == 0
     assert (out / "model.safetensors").is_file()
     assert main(["merge", "--method", "average", "--base", str(base_dir), "--inputs", str(fulls[0]), "--density", "0.5", "--out", str(out)]) == 4
-    assert "--density does not apply to average" in capsys.readouterr().err
+    assert "density does not apply to average; it reads: normalize" in capsys.readouterr().err
     assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", str(fulls[0]), "--weights", "1", "2", "--out", str(out)]) == 5
     assert "2 weights for 1 inputs" in capsys.readouterr().err
-    assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", "nope", "--out", str(out), "--store", str(tmp_path / "s")]) == 2
+    assert main(["merge", "--method", "ties", "--base", str(base_dir), "--inputs", "nope", "--out", str(out), "--store", str(tmp_path / "s")]) == 4
     assert "neither a folder nor a contribution" in capsys.readouterr().err
     assert (out / "model.safetensors").is_file()  # failed merges left the earlier output intact
 

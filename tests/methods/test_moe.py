@@ -238,6 +238,95 @@ def test_a_trained_router_is_refused_in_the_semi_setting(tmp_path):
     assert strategy_config(tmp_path, setting="full", router="trained").strategies[0].typed_options().router == "trained"
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"router": "uniform", "top_k": 1}, "top_k does not apply to router uniform, which mixes every expert"),
+    ({"router": "arrow", "threshold": 1.0}, "threshold does not apply to router arrow: only the centroid router reads it"),
+    ({"router": "centroid", "router_lr": 0.1, "balance": 0.0}, "router_lr, balance do not apply to router centroid: only the trained router reads them"),
+    ({"router": "arrow", "router_examples": 8}, "router_examples does not apply to router arrow: only the trained router reads it"),
+    ({"router": "centroid", "router_epochs": 2}, "router_epochs does not apply to router centroid: only the trained router reads it"),
+    ({"router": "uniform", "temperature": 0.5}, "temperature does not apply to router uniform: only the arrow and centroid routers read it"),
+    ({"router": "trained", "temperature": 0.5}, "temperature does not apply to router trained: only the arrow and centroid routers read it"),
+    ({"router": "uniform", "granularity": "token"}, "granularity does not apply to router uniform"),
+    ({"router": "centroid", "seed": 1}, "seed does not apply to router centroid: only the trained and random routers read it"),
+])  # fmt: skip
+def test_an_option_the_router_does_not_read_is_refused_naming_the_option_and_the_router(options, message):
+    from pydantic import ValidationError
+
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ValidationError, match=message):
+        MoeOptions(**options)
+    with pytest.raises(ConfigError, match=f"^invalid mix option: {message}"):
+        MoeOptions.parse("invalid mix option", **options)
+
+
+def test_a_moe_strategy_with_an_option_its_router_does_not_read_is_refused_when_the_config_is_read(tmp_path):
+    from cairn.errors import ConfigError
+
+    config = strategy_config(tmp_path, setting="full", router="uniform").model_dump(mode="json")
+    config["strategies"][0] = {"name": "moe", "kind": "moe", "router": "uniform", "top_k": 1}
+    with pytest.raises(ConfigError, match=r"strategies\.0: strategy 'moe' \(moe\): top_k does not apply to router uniform"):
+        parse_config(config)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"router": "uniform"}, {"router": "arrow", "top_k": 1, "temperature": 0.2, "granularity": "token"},
+    {"router": "centroid", "threshold": 1.5, "temperature": 0.01, "top_k": 1},
+    {"router": "trained", "router_examples": 8, "router_epochs": 2, "router_lr": 0.1, "balance": 0.0, "seed": 3, "top_k": 1},
+    {"router": "random", "seed": 2, "top_k": 1},
+])  # fmt: skip
+def test_the_options_each_router_reads_are_accepted_and_its_saved_options_read_back(options):
+    from cairn.validation import SAVED
+
+    opts = MoeOptions(**options)
+    assert MoeOptions(**opts.model_dump()) == opts  # as moe.json saves and load_moe reads them, defaults included
+    assert MoeOptions.model_validate(opts.model_dump(mode="json")) == opts
+    assert MoeOptions.model_validate({**opts.model_dump(), "top_k": 1}, context=SAVED).top_k == 1  # SAVED: taken as written
+
+
+def test_a_complete_dump_counts_only_the_values_that_differ_from_the_defaults():
+    dump = MoeOptions(router="uniform").model_dump()
+    with pytest.raises(ValueError, match="threshold does not apply to router uniform"):
+        MoeOptions(**{**dump, "threshold": 3.0})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"router": "arrow"}, "whose router is uniform, centroid or random; got router 'arrow'"),
+    ({"router": "trained"}, "got router 'trained'"),
+    ({"router": "centroid", "threshold": 2.0}, "threshold does not apply to a Mixtral model"),
+    ({"router": "centroid", "temperature": 0.01, "granularity": "token"}, "temperature, granularity do not apply to a Mixtral model"),
+    ({"router": "random", "granularity": "sequence"}, "granularity does not apply to a Mixtral model"),
+])  # fmt: skip
+def test_mixing_full_fine_tunes_refuses_a_router_or_option_a_mixtral_model_does_not_have(options, message):
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        MoeOptions(**options).check_for_mixtral()
+    assert err.value.exit_code == 4
+
+
+def test_mixing_full_fine_tunes_takes_the_options_a_mixtral_model_reads():
+    for options in ({}, {"router": "uniform"}, {"router": "centroid", "top_k": 1}, {"router": "random", "top_k": 1, "seed": 5}):
+        opts = MoeOptions(**options)
+        assert opts.check_for_mixtral() is opts
+        assert MoeOptions(**opts.model_dump()).check_for_mixtral() == opts  # a saved set of options: its defaults were not given
+
+
+@pytest.mark.parametrize("router, extra, message", [
+    ("arrow", {}, "strategy 'moe' \\(kind moe\\) with train method fft: full fine-tunes are mixed into a Mixtral model, whose router is"),
+    ("centroid", {"threshold": 3.0}, "strategy 'moe' \\(kind moe\\) with train method fft: threshold does not apply to a Mixtral model"),
+])  # fmt: skip
+def test_a_moe_strategy_over_full_fine_tunes_is_refused_when_the_config_is_read_if_a_mixtral_model_cannot_run_it(tmp_path, router, extra, message):
+    from cairn.errors import ConfigError
+
+    config = strategy_config(tmp_path, setting="full", method="fft").model_dump(mode="json")
+    config["strategies"][0] = {"name": "moe", "kind": "moe", "router": router, **extra}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config)
+    config["strategies"][0] = {"name": "moe", "kind": "moe", "router": "centroid", "top_k": 1}
+    assert parse_config(config).strategies[0].typed_options().top_k == 1  # what a Mixtral model reads still parses
+
+
 def test_cli_mix_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
     store, other = stored_contribution(tmp_path)
     assert (tmp_path / "c" / centroids.FILE).is_file()  # every contribution ships its routing statistics

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
-from cairn.validation import Strict
+from cairn.validation import Strict, given
 
 _SAMPLE = 1 << 12
 _EXACT = 1 << 16  # smaller tensors select over all their entries
@@ -124,7 +124,7 @@ def dare_ties(base, tensors, weights, *, density=1.0, lambda_=1.0, normalize=Fal
 @dataclass(frozen=True)
 class MergeMethod:
     fn: Callable[..., np.ndarray]
-    uses: frozenset[str]  # which of density / lambda / seed the method reads
+    uses: frozenset[str]  # which of density / lambda / seed the method reads (every method reads normalize)
     normalize: bool  # mergekit's default
 
 
@@ -147,6 +147,16 @@ class MergeOptions(Strict):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
     seed: int = Field(0, description="seed of DARE's random drop")
+
+    @model_validator(mode="after")
+    def _applies(self, info: ValidationInfo):
+        """A parameter the method does not read is an error, not silently unused (set ones only:
+        the defaults are every method's)."""
+        uses = METHODS[self.method].uses
+        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed") and k not in uses]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {self.method}; it reads: {', '.join(sorted({*uses, 'normalize'}))}")
+        return self
 
     def kwargs(self) -> dict:
         spec = METHODS[self.method]

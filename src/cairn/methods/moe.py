@@ -34,16 +34,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 from torch import nn
 
-from cairn.errors import ModelError
+from cairn.errors import ConfigError, ModelError
 from cairn.methods import centroids
 from cairn.methods.routing import topk_weights
-from cairn.validation import Strict
+from cairn.validation import Strict, given
 
 MANIFEST = "moe.json"
 
@@ -67,7 +67,55 @@ class MoeOptions(Strict):
     router_epochs: int = Field(4, ge=1)
     router_lr: float = Field(1e-2, gt=0)
     balance: float = Field(0.01, ge=0, description="trained: weight of the load-balancing loss")
-    seed: int = 0
+    seed: int = Field(0, description="trained and random: seed of the router's initial weights (trained: and of its examples)")
+
+    # The routers that read each option; every other router ignores it, so setting it for one of
+    # them is an error rather than a setting silently unused.
+    READ_BY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "top_k": ("arrow", "centroid", "trained", "random"),  # uniform mixes every expert
+        "temperature": ("arrow", "centroid"),  # trained and random routers' logits are used as they are
+        "threshold": ("centroid",),
+        "granularity": ("arrow", "centroid", "trained", "random"),  # uniform weights do not depend on the input
+        "router_examples": ("trained",),
+        "router_epochs": ("trained",),
+        "router_lr": ("trained",),
+        "balance": ("trained",),
+        "seed": ("trained", "random"),
+    }
+    MIXTRAL_ROUTERS: ClassVar[tuple[str, ...]] = ("uniform", "centroid", "random")
+
+    @model_validator(mode="after")
+    def _applies(self, info: ValidationInfo):
+        """An option this router does not read is an error (set ones only: defaults never trip it)."""
+        problems, by_readers = [], {}
+        for k in given(self, info):
+            if k == "top_k" and self.router == "uniform":
+                problems.append("top_k does not apply to router uniform, which mixes every expert at weight 1/E; drop top_k or choose another router")
+            elif self.router not in self.READ_BY.get(k, (self.router,)):
+                by_readers.setdefault(self.READ_BY[k], []).append(k)
+        for readers, keys in by_readers.items():
+            names = ", ".join(readers[:-1]) + " and " + readers[-1] if len(readers) > 1 else readers[0]
+            many = len(keys) > 1
+            problems.append(f"{', '.join(keys)} {'do' if many else 'does'} not apply to router {self.router}: only the {names} "
+                            f"router{'s read' if len(readers) > 1 else ' reads'} {'them' if many else 'it'}")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def check_for_mixtral(self) -> MoeOptions:
+        """These options, checked for mixing full fine-tunes into a Mixtral model (`cairn mix` with
+        full models; the `moe` strategy with `train: {method: fft}`): a Mixtral router is uniform,
+        centroid or random, and reads neither `temperature`, `threshold` nor `granularity` (it
+        routes each token), so any of them set is a ConfigError. Returns self."""
+        if self.router not in self.MIXTRAL_ROUTERS:
+            raise ConfigError(f"full fine-tunes are mixed into a Mixtral model, whose router is uniform, centroid or random; got router {self.router!r}")
+        unread = [k for k in given(self) if k in ("temperature", "threshold", "granularity")]
+        if unread:
+            raise ConfigError(
+                f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to a Mixtral model (full fine-tunes mixed; its "
+                f"{self.router} router routes every token by its own gate); drop {'it' if len(unread) == 1 else 'them'}, or mix LoRA adapters"
+            )
+        return self
 
 
 class RoutingContext:

@@ -34,7 +34,13 @@ def routing_statistics(work, model, contribution, task) -> dict:
     return centroids.load(folder)
 
 
-@register("moe", MoeOptions, needs_history=lambda opts: opts.router == "trained")
+def _fits(opts: MoeOptions, cfg) -> None:
+    """Full fine-tunes are mixed into a Mixtral model, which has fewer routers and options."""
+    if cfg.method == "fft":
+        opts.check_for_mixtral()
+
+
+@register("moe", MoeOptions, needs_history=lambda opts: opts.router == "trained", fits=_fits)
 def moe(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
     if cfg.method == "fft":
         yield from _mixtral(model, stream, opts, cfg, work)
@@ -59,8 +65,7 @@ def _mixtral(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
     from cairn.methods.mixtral import export_mixtral
     from cairn.models import resolve_folder
 
-    if opts.router not in ("uniform", "centroid", "random"):
-        raise ConfigError(f"moe over full fine-tunes exports a Mixtral model, whose router is uniform, centroid or random; got {opts.router!r}")
+    opts.check_for_mixtral()
     base_dir = resolve_folder(work.base)
     experts = []
     for task in stream:

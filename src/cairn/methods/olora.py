@@ -103,10 +103,11 @@ def penalty(model, opts: OLoRAOptions):
     return loss
 
 
-@register("olora", OLoRAOptions)
+@register("olora", OLoRAOptions, methods=("lora",))
 def olora(model, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterator:
     """A new LoRA adapter per task, trained orthogonal to the frozen earlier ones; yields the base
-    with all stages' adapters stacked into one. LoRA only."""
+    with all stages' adapters stacked into one. LoRA only (an experiment config that says otherwise
+    is refused when it is read; this guards a direct call)."""
     if cfg.method != "lora":
         raise ConfigError(f"strategy kind olora trains LoRA adapters only, got train method {cfg.method!r}; use method: lora")
     return _stages(model, stream, opts, cfg, work)
