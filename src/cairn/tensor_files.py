@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +34,13 @@ STORAGE = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
-_MAX_HEADER = 100 * 2**20
+# Every dtype of the safetensors format -> bits per element: what a tensor's byte size must match.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+_MAX_HEADER = 100 * 2**20  # as the safetensors library: a larger header is not a real file's
 
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
@@ -56,21 +63,120 @@ def stored(array: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_to_float32(raw) if dtype == "BF16" else raw
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header without `__metadata__`, offset of the data section) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > _MAX_HEADER:
-            raise ModelError(f"{path}: not a safetensors file (header of {size} bytes)")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as exc:
-            raise ModelError(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
-    header.pop("__metadata__", None)
-    return header, 8 + size
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """(header without `__metadata__`, offset of the data section) of a safetensors file, checked
+    against the format before any tensor is read: a sane header length, a UTF-8 JSON object of
+    well-formed entries, and tensors stored back to back, each of the size its dtype and shape
+    need, exactly covering the rest of the file. Anything else is a ModelError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            length = _header_length(path, f.read(8), file_size)
+            raw = f.read(length)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc}); a safetensors file was expected") from exc
+    header = _parse_header(path, raw)
+    _check_metadata(path, header.pop("__metadata__", None))
+    for name, entry in header.items():
+        _check_entry(path, name, entry, file_size - 8 - length)
+    _check_layout(path, header, file_size - 8 - length)
+    return header, 8 + length
+
+
+def _header_length(path: Path, raw: bytes, file_size: int) -> int:
+    """The header length the file's first 8 bytes declare, if the file can hold it."""
+    if len(raw) != 8:
+        raise ModelError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte header length)")
+    (length,) = struct.unpack("<Q", raw)
+    if length > file_size - 8:
+        raise ModelError(
+            f"{path}: not a valid safetensors file: its header length ({length} bytes) is larger than the rest of the file "
+            f"({file_size - 8} bytes); truncated, or not safetensors"
+        )
+    if length > _MAX_HEADER:
+        raise ModelError(f"{path}: not a valid safetensors file: a header of {length} bytes (at most {_MAX_HEADER} expected)")
+    return length
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header bytes as a JSON object (strict UTF-8, as the format requires)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: not a valid safetensors file: its header is not UTF-8 text (byte {raw[exc.start]:#04x} at {exc.start})") from exc
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise ModelError(f"{path}: not a valid safetensors file: its header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelError(
+            f"{path}: not a valid safetensors file: its header is a JSON {_json_type(header)}, "
+            "expected an object of tensor name -> {dtype, shape, data_offsets}"
+        )
+    return header
+
+
+def _check_metadata(path: Path, metadata) -> None:
+    """`__metadata__`, where present, is an object of strings (what every reader expects)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelError(f"{path}: not a valid safetensors file: __metadata__ is not an object of strings")
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
+    """One tensor's entry: a known dtype, a shape of non-negative ints, and two byte offsets
+    into the data section, start <= end <= its size, spanning exactly dtype x shape bytes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ModelError(f"{where}: its header entry is a JSON {_json_type(entry)}, expected an object with dtype, shape and data_offsets")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise ModelError(f"{where}: its header entry has no {' or '.join(missing)} (dtype, shape and data_offsets are expected)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise ModelError(f"{where}: dtype {dtype!r} is not a safetensors dtype (expected one of {', '.join(DTYPE_BITS)})")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+        raise ModelError(f"{where}: data_offsets {offsets!r} is not two non-negative integers [start, end]")
+    start, end = offsets
+    if start > end:
+        raise ModelError(f"{where}: data_offsets [{start}, {end}] start after their end (expected start <= end)")
+    if end > data_size:
+        raise ModelError(f"{where}: data_offsets [{start}, {end}] run past the end of the file (data section of {data_size} bytes; truncated?)")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits != 8 * (end - start):
+        needed = bits // 8 if bits % 8 == 0 else bits / 8
+        raise ModelError(f"{where}: data_offsets [{start}, {end}] span {end - start} bytes, but dtype {dtype} x shape {shape} needs {needed}")
+
+
+def _check_layout(path: Path, header: dict, data_size: int) -> None:
+    """The tensors lie back to back from the start of the data section to the end of the file, as
+    the format requires (and the safetensors library, which transformers uses, checks)."""
+    position = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = entry["data_offsets"]
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes before it"
+            raise ModelError(f"{path}: tensor {name!r} starts at byte {start} of the data section, expected {position}: it {what}")
+        position = end
+    if position != data_size:
+        raise ModelError(f"{path}: the tensors end at byte {position} of the data section, but it holds {data_size} bytes (stray bytes at the end)")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
+def header_elements(path: str | Path) -> int:
+    """How many elements (parameters) the tensors of a safetensors file hold: its header only."""
+    return sum(math.prod(entry["shape"]) for entry in read_header(path)[0].values())
 
 
 class SafetensorsReader:
@@ -78,14 +184,11 @@ class SafetensorsReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.header, self._data = read_header(self.path)
-        size = self.path.stat().st_size
+        self.header, self._data = read_header(self.path)  # every entry checked before any byte is mapped
         for name, entry in self.header.items():
-            if entry.get("dtype") not in STORAGE:
-                raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-            start, end = entry["data_offsets"]
-            if self._data + end > size:
-                raise ModelError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)")
+            if entry["dtype"] not in STORAGE:
+                raise ModelError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}, which Cairn cannot read (supported: {', '.join(STORAGE)})")
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             # A private (copy-on-write) map: writable views, never written back to the file.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
@@ -120,27 +223,46 @@ class SafetensorsReader:
                 pass
 
 
+def folder_files(folder: str | Path) -> tuple[list[str], dict[str, str] | None]:
+    """(safetensors files, tensor -> file map) of a HF model folder: those its index
+    (`model.safetensors.index.json`) lists, checked to exist, else `model.safetensors` (map None);
+    ([], None) where it has neither."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return (["model.safetensors"], None) if (folder / "model.safetensors").is_file() else ([], None)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{index}: not a safetensors index ({exc}); expected an object with a weight_map of tensor name -> file") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ModelError(f"{index}: weight_map is not an object of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    for file in files:
+        if not (folder / file).is_file():
+            raise ModelError(f"{index}: lists {file}, which is not in {folder}")
+    return files, weight_map
+
+
 class FolderWeights:
     """The tensors of a HF model folder, one file or sharded (`model.safetensors.index.json`)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ModelError(f"{index}: not a safetensors index ({exc})") from exc
-            files = sorted(set(weight_map.values()))
-        elif (self.folder / "model.safetensors").is_file():
-            files, weight_map = ["model.safetensors"], None
-        else:
+        files, weight_map = folder_files(self.folder)
+        if not files:
             raise ModelError(f"{self.folder}: no model.safetensors or model.safetensors.index.json (a full HF model folder was expected)")
-        self.readers = {f: SafetensorsReader(self.folder / f) for f in files}
+        self.readers: dict[str, SafetensorsReader] = {}
+        try:
+            for f in files:
+                self.readers[f] = SafetensorsReader(self.folder / f)
+        except ModelError:
+            self.close()  # the files opened before the bad one
+            raise
         self.where = weight_map or {n: files[0] for n in self.readers[files[0]].keys()}
         for name, file in self.where.items():
             if name not in self.readers[file].header:
-                raise ModelError(f"{index}: tensor {name!r} is listed in {file} but not stored there")
+                raise ModelError(f"{self.folder / 'model.safetensors.index.json'}: tensor {name!r} is listed in {file} but not stored there")
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -204,11 +326,13 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> None:
-        """Finish the file (fsync); refuses if tensors are missing."""
+        """Finish the file (fsync); refuses if tensors are missing, unless an error is already on its
+        way (close runs in a `finally`): then that error, the cause, is the one the user sees."""
+        failing = sys.exc_info()[1] is not None
         try:
             for job in self._pending:
                 job.result()
-            if self._next != len(self._order):
+            if self._next != len(self._order) and not failing:
                 raise ValueError(f"{len(self._order) - self._next} tensors were never written")
             self._file.flush()
             os.fsync(self._file.fileno())
