@@ -60,9 +60,10 @@ def main() -> None:
 
     base, tokenizer = load_model(DEFAULT_BASE)
     merged, _ = load_model(str(merged_dir))
-    moe = attach_experts(base, experts, MoeOptions(router=args.router, top_k=args.top_k)).eval()
+    options = MoeOptions(router=args.router, **({} if args.router == "uniform" else {"top_k": args.top_k}))  # uniform mixes every expert
+    moe = attach_experts(base, experts, options).eval()
     rows = {}
-    for name, model in (("merged model", merged), (f"LoRA-MoE ({args.router}, top-{args.top_k})", moe)):
+    for name, model in (("merged model", merged), (f"LoRA-MoE ({args.router}" + ("" if args.router == "uniform" else f", top-{args.top_k}") + ")", moe)):
         seconds, tokens = workload(model, tokenizer, workloads)
         rows[name] = tokens / seconds
         print(f"{name:28s} {seconds:6.1f} s  {tokens} tokens  {tokens / seconds:7.1f} tokens/s", flush=True)

@@ -113,7 +113,7 @@ def train(task, out: str | Path, *, base: str = DEFAULT_BASE, chat_template: boo
     from cairn.models import load_model
     from cairn.training import TrainConfig, train_contribution
 
-    cfg = _checked("invalid training option", lambda: TrainConfig(**options))
+    cfg = TrainConfig.parse("invalid training option", **options)
     out = _checked_output(out, "train", overwrite)
     if isinstance(task, str) and task.startswith("lm-eval:"):
         raise ConfigError(f"task {task}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
@@ -164,7 +164,7 @@ def merge(inputs: list, out: str | Path, *, base: str, method: str = "ties", wei
     from cairn.methods.merge_models import merge_models
     from cairn.methods.merging import MergeOptions
 
-    opts = _checked("invalid merge option", lambda: MergeOptions(method=method, **options))
+    opts = MergeOptions.parse("invalid merge option", method=method, **options)
     if adapter_rank is not None and adapter_rank < 1:
         raise ConfigError(f"adapter rank must be at least 1, got {adapter_rank}")
     out = _checked_output(out, "merge", overwrite)
@@ -198,7 +198,7 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
     from cairn.models import load_model
 
     given = {"top_k": top_k} if top_k is not None else {}
-    opts = _checked("invalid mix option", lambda: MoeOptions(router=router, **given, **options))
+    opts = MoeOptions.parse("invalid mix option", router=router, **given, **options)
     if (router == "trained") != bool(tasks):
         raise ConfigError("tasks (--tasks) go with router 'trained' (and only with it): one labelled task per input, to train the router on")
     out = _checked_output(out, "mix", overwrite)
@@ -213,9 +213,8 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
     if not all(adapters):
         from cairn.methods.mixtral import export_mixtral
 
-        if router not in ("uniform", "centroid", "random"):
-            raise ConfigError(f"full fine-tunes are mixed into a Mixtral model, whose router is uniform, centroid or random; got {router!r}")
-        export_mixtral(folder, inputs, out, router=router, top_k=opts.top_k, shared=shared, progress=progress, manifest={"base": base, **manifest})
+        opts.check_for_mixtral()
+        export_mixtral(folder, inputs, out, router=router, top_k=opts.top_k, shared=shared, seed=opts.seed, progress=progress, manifest={"base": base, **manifest})
         return out
     model, tokenizer = load_model(base)
     model = attach_experts(model, inputs, opts)

@@ -197,6 +197,11 @@ def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, 
     target = resolved(out, flag)
     if target == here or target in here.parents:
         raise ConfigError(f"{flag} {out}: is {'the current folder' if target == here else 'a folder that contains the current one'}; name a new folder for {what}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CairnError(f"{flag} {out}: cannot write in {parent} (permission denied); choose a folder you can write to")
     if not out.exists() and not out.is_symlink():
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):

@@ -61,7 +61,13 @@ def generate(
     with `first_character`, each stops once it holds a non-space character: all a choice reads).
 
     A model that must see each prompt whole in one pass (a LoRA-MoE routing by the whole prompt
-    sets `reads_whole_prompt`) gets no shared prefix."""
+    sets `reads_whole_prompt`) gets no shared prefix. `max_new_tokens` is bounded by the
+    positions the model was built for (1e8 would otherwise run for days)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_new_tokens > limit:
+        from cairn.errors import ConfigError
+
+        raise ConfigError(f"max_new_tokens {max_new_tokens} is more than the model's {limit} positions (max_position_embeddings); ask for at most {limit}")
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
