@@ -78,13 +78,49 @@ def sandbox(tmp_path_factory) -> Path:
         (root / "incomplete").mkdir()
         (root / "incomplete" / "results.json").write_text(json.dumps({"schema": 1, "config": {"name": "x"}, "tasks": ["t"], "seeds": [0],
                                                                       "strategies": {"s": {"R": [[0.0]], "G": None}}}))  # fmt: skip
+        _model_inputs(root)
         Path("run.yaml").write_text(
             "name: tiny\nbase: tiny-random\ntasks: [t.jsonl]\nprobe: null\ntrain: {epochs: 1, batch_size: 4}\n"
             "strategies: [{name: seq, kind: sequential}]\nseeds: [0]\n"
         )
+        for name, strategy in {"merge-density": "{name: m, kind: merge, method: average, density: 0.5}",
+                               "olora-fft": "{name: o, kind: olora, train: {method: fft}}"}.items():  # fmt: skip
+            Path(f"{name}.yaml").write_text(f"name: {name}\nbase: tiny-random\ntasks: [t.jsonl]\nprobe: null\nstrategies: [{strategy}]\n")
     finally:
         os.chdir(cwd)
     return root
+
+
+def _model_inputs(root: Path) -> None:
+    """Broken model folders and files: corrupt safetensors, absurd config sizes, garbage GGUF,
+    pickled weights holding more than tensors; and contributions a store must refuse."""
+    import torch
+
+    from cairn.models import resolve_folder
+
+    tiny = Path(resolve_folder("tiny-random"))
+    for name in ("header-list", "truncated", "absurd-config", "pickled"):
+        shutil.copytree(tiny, root / name)
+    weights = root / "header-list" / "model.safetensors"
+    header = b'["not", "an", "object"]'
+    weights.write_bytes(len(header).to_bytes(8, "little") + header)
+    raw = (root / "truncated" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    config = json.loads((root / "absurd-config" / "config.json").read_text())
+    (root / "absurd-config" / "config.json").write_text(json.dumps({**config, "hidden_size": 10**9, "num_hidden_layers": 10**6}))
+    from safetensors.torch import load_file
+
+    state = load_file(root / "pickled" / "model.safetensors")
+    (root / "pickled" / "model.safetensors").unlink()
+    torch.save({**state, "extra": _NotATensor()}, root / "pickled" / "pytorch_model.bin")
+    (root / "garbage.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    shutil.copytree(root / "a", root / "leaky")
+    (root / "secret.txt").write_text("a key\n")
+    (root / "leaky" / "extra.txt").symlink_to(root / "secret.txt")
+
+
+class _NotATensor:
+    """Something torch's weights-only unpickler refuses."""
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -245,3 +281,58 @@ def test_store_show_into_a_closed_pipe_ends_quietly(capsys, here, monkeypatch):
         assert main(["store", "show", "a"]) == 0
         monkeypatch.undo()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_link_that_leaves_a_contribution_is_not_copied_into_the_store(capsys, here):
+    refused(capsys, here, ["store", "--store", "store", "add", "leaky"], 3, "extra.txt")
+
+
+def test_store_verify_reads_the_index_digest_when_weights_and_manifest_were_edited_together(capsys, here):
+    from cairn.store import file_hashes
+
+    item = here / "store" / "items" / "a"
+    (item / "adapter_config.json").write_text((item / "adapter_config.json").read_text() + "\n")
+    manifest = json.loads((item / "cairn.json").read_text())
+    (item / "cairn.json").write_text(json.dumps({**manifest, "files": file_hashes(item)}))
+    refused(capsys, here, ["store", "--store", "store", "verify"], 3, "failed verification")
+
+
+# --- model files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("header-list", "header-list/model.safetensors"),
+    ("truncated", "truncated/model.safetensors"),
+    ("absurd-config", "absurd-config/config.json"),
+    ("garbage.gguf", "garbage.gguf"),
+], ids=["safetensors-header-a-list", "safetensors-truncated", "absurd-config-sizes", "garbage-gguf"])  # fmt: skip
+def test_a_broken_model_is_a_one_line_model_error_naming_its_file(capsys, here, model, fragment):
+    refused(capsys, here, ["eval", "--model", model, "--task", "t.jsonl"], 5, fragment)
+
+
+def test_a_pickle_refused_even_with_allow_pickle_says_why(capsys, here):
+    refused(capsys, here, ["eval", "--model", "pickled", "--task", "t.jsonl", "--allow-pickle"], 5, "pytorch_model.bin", "_NotATensor")
+
+
+def test_a_corrupt_input_of_a_merge_names_its_file_and_writes_nothing(capsys, here):
+    shutil.copytree(here / "header-list", here / "ft")
+    refused(capsys, here, [*MERGE, "--inputs", "ft", "--out", "m"], 5, "ft/model.safetensors")
+    assert not (here / "m").exists()
+
+
+# --- one validation path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["run", "merge-density.yaml"], ("density does not apply to average",)),
+    (["run", "olora-fft.yaml"], ("olora", "lora only")),
+    ([*MERGE[:2], "average", *MERGE[3:], "--inputs", "./a", "--density", "0.5", "--out", "m"], ("density does not apply to average",)),
+    ([*MIX, "--inputs", "./a", "./a", "--top-k", "1", "--out", "x"], ("top_k", "uniform")),
+    (["mix", "--router", "centroid", "--base", "tiny-random", "--inputs", "ft1", "ft2", "--temperature", "0.1", "--out", "x"], ("temperature", "Mixtral")),
+], ids=["run-merge-density", "run-olora-fft", "merge-density", "mix-uniform-top-k", "mixtral-temperature"])  # fmt: skip
+def test_an_option_that_does_not_apply_is_refused_the_same_on_every_route(capsys, here, argv, fragments):
+    from cairn.models import resolve_folder
+
+    for name in ("ft1", "ft2"):  # full models of the base, for the Mixtral route
+        shutil.copytree(resolve_folder("tiny-random"), here / name)
+    refused(capsys, here, argv, 4, *fragments)
