@@ -336,3 +336,17 @@ def test_cli_mix_takes_store_ids_and_refuses_another_base(tmp_path, capsys):
     assert main([*args, "--base", str(other), "--out", str(tmp_path / "m2")]) == 5
     assert "was made on a base with fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+
+
+def test_routing_statistics_read_each_prompt_only_up_to_max_length(tiny):
+    """A huge prompt is cut as training cuts it (its last max_length tokens), not read whole."""
+    model, tokenizer = tiny
+    modules = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    long = " ".join(f"word{i}" for i in range(400))
+    tail = tokenizer(long, add_special_tokens=True)["input_ids"][-16:]
+    cut = centroids.input_statistics(model, tokenizer, [long], modules, max_length=16)
+    expected = centroids.input_statistics(model, tokenizer, [tokenizer.decode(tail)], modules)
+    whole = centroids.input_statistics(model, tokenizer, [long], modules)
+    for key in cut:
+        assert torch.allclose(cut[key], expected[key], atol=1e-4), key
+    assert not torch.allclose(cut["model.layers.1.mlp.mean"], whole["model.layers.1.mlp.mean"], atol=1e-4)
