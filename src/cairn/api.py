@@ -91,11 +91,12 @@ def _checked(where: str, build):
         raise config_error(exc, where) from None
 
 
-@functools.cache
-def _fingerprint(base: str) -> str:
+def _fingerprint_of(base: str):
+    """A function giving `base`'s fingerprint, loading the model the first time it is called
+    (only inputs that record a fingerprint need it), then remembering it for this call."""
     from cairn.models import load_model
 
-    return load_model(base)[0].cairn_fingerprint
+    return functools.cache(lambda: load_model(base)[0].cairn_fingerprint)
 
 
 def _checked_output(out, command: str, overwrite: bool) -> Path:
@@ -144,11 +145,10 @@ def _base_folder(base: str, what: str = "base") -> str:
     return resolve_folder(spec)
 
 
-def _inputs(inputs: list, base: str, base_folder: str, store) -> list[Path]:
+def _inputs(inputs: list, base: str, base_folder: str, store, fingerprint) -> list[Path]:
     """The inputs' folders (folders or store IDs), each checked against the base."""
     from cairn.contributions import check_inputs, default_store, resolve_inputs
 
-    fingerprint = lambda: _fingerprint(base)  # noqa: E731  (loads the base only when a fingerprint is needed)
     paths = resolve_inputs(list(inputs), store or default_store(), fingerprint)
     if not paths:
         raise ConfigError("nothing to combine: give at least one input")
@@ -169,8 +169,9 @@ def merge(inputs: list, out: str | Path, *, base: str, method: str = "ties", wei
         raise ConfigError(f"adapter rank must be at least 1, got {adapter_rank}")
     out = _checked_output(out, "merge", overwrite)
     folder = _base_folder(base)
-    paths = _inputs(inputs, base, folder, store)
-    manifest = {"base": base, "base_fingerprint": _fingerprint(base)}
+    fingerprint = _fingerprint_of(base)
+    paths = _inputs(inputs, base, folder, store, fingerprint)
+    manifest = {"base": base, "base_fingerprint": fingerprint()}
     return merge_models(folder, paths, out, opts, weights=weights, adapter_rank=adapter_rank, progress=progress, manifest=manifest)
 
 
@@ -185,8 +186,9 @@ def merge_mergekit(config: str | Path, out: str | Path, *, adapter_rank: int | N
     out = _checked_output(out, "merge", overwrite)
     plan = read_mergekit_config(config)
     folder = _base_folder(plan.base, f"{config}: base_model")
-    paths = _inputs(plan.inputs, plan.base, folder, store)
-    manifest = {"base": plan.base, "base_fingerprint": _fingerprint(plan.base), "mergekit_config": str(config)}
+    fingerprint = _fingerprint_of(plan.base)
+    paths = _inputs(plan.inputs, plan.base, folder, store, fingerprint)
+    manifest = {"base": plan.base, "base_fingerprint": fingerprint(), "mergekit_config": str(config)}
     return merge_models(folder, paths, out, plan.opts, weights=plan.weights, adapter_rank=adapter_rank, dtype=plan.dtype, progress=progress, manifest=manifest)
 
 
@@ -203,13 +205,14 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
         raise ConfigError("tasks (--tasks) go with router 'trained' (and only with it): one labelled task per input, to train the router on")
     out = _checked_output(out, "mix", overwrite)
     folder = _base_folder(base)
-    inputs = _inputs(inputs, base, folder, store)
+    fingerprint = _fingerprint_of(base)
+    inputs = _inputs(inputs, base, folder, store, fingerprint)
     adapters = [(p / "adapter_config.json").is_file() for p in inputs]
     if any(adapters) and not all(adapters):
         raise ConfigError("inputs mix adapters and full models: a mixture is made of LoRA adapters (LoRA-MoE) or of full fine-tunes (Mixtral), not both")
     if tasks and len(tasks) != len(inputs):
         raise ConfigError(f"{len(tasks)} tasks for {len(inputs)} inputs: give one task per input")
-    manifest = {"base_fingerprint": _fingerprint(base)}
+    manifest = {"base_fingerprint": fingerprint()}
     if not all(adapters):
         from cairn.methods.mixtral import export_mixtral
 
