@@ -21,6 +21,14 @@ log = logging.getLogger("cairn")
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting it to read it back, the only
+    other way, races with threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
