@@ -23,11 +23,11 @@ from cairn.errors import ConfigError, DataError
 from cairn.models import DEFAULT_BASE
 
 
-def _task(task, tokenizer=None, chat_template: bool = False):
+def _task(task, tokenizer=None, chat_template: bool = False, metric: str | None = None):
     from cairn.data import load_task
     from cairn.data.chat import as_chat
 
-    task = load_task(task) if isinstance(task, (str, Path)) else task
+    task = load_task(str(task), metric=metric) if isinstance(task, (str, Path)) else task
     return as_chat(task, tokenizer) if chat_template else task
 
 
@@ -107,10 +107,12 @@ def _checked_output(out, command: str, overwrite: bool) -> Path:
     return Path(out)
 
 
-def train(task, out: str | Path, *, base: str = DEFAULT_BASE, chat_template: bool = False, overwrite: bool = False, progress: bool = True, **options) -> dict:
+def train(task, out: str | Path, *, base: str = DEFAULT_BASE, metric: str | None = None, chat_template: bool = False, overwrite: bool = False,
+          progress: bool = True, **options) -> dict:
     """Train a contribution (LoRA by default; `method="fft"` for full fine-tuning; any
-    `TrainConfig` field as a keyword) on `task` from `base`; save it at `out` and return its manifest.
-    `out` may be new, empty, or an earlier `train` output; anything else needs `overwrite`."""
+    `TrainConfig` field as a keyword) on `task` (with `metric` overriding a source's) from `base`;
+    save it at `out` and return its manifest. `out` may be new, empty, or an earlier `train`
+    output; anything else needs `overwrite`."""
     from cairn.models import load_model
     from cairn.training import TrainConfig, train_contribution
 
@@ -118,7 +120,7 @@ def train(task, out: str | Path, *, base: str = DEFAULT_BASE, chat_template: boo
     out = _checked_output(out, "train", overwrite)
     if isinstance(task, str) and task.startswith("lm-eval:"):
         raise ConfigError(f"task {task}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
-    task = _task(task)
+    task = _task(task, metric=metric)
     if not task.train:
         raise DataError(f"task {task.name} has no 'train' examples")  # checked before loading the model
     if chat_template:

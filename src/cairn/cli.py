@@ -160,8 +160,8 @@ def _cmd_train(args) -> None:
     from cairn.distributed import is_main
 
     overrides = {"method": args.method, "epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "batch_size": args.batch_size, "seed": args.seed}
-    manifest = train(args.task if args.metric is None else _load_task(args.task, args.metric), args.out, base=args.base, chat_template=args.chat_template,
-                     overwrite=args.overwrite, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
+    manifest = train(args.task, args.out, base=args.base, metric=args.metric, chat_template=args.chat_template, overwrite=args.overwrite,
+                     **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     if not is_main():  # under `accelerate launch`: the main process reports and evaluates
         return
     t = manifest["train"]
@@ -169,19 +169,12 @@ def _cmd_train(args) -> None:
           f"{t['tokens']} tokens in {t['wall_s']:.1f}s ({t['tokens_per_s']:.0f} tokens/s) -> {args.out}")
     if not args.no_eval:
         from cairn.api import evaluate
+        from cairn.data import load_task
 
-        task = _load_task(args.task, args.metric)
+        task = load_task(args.task, metric=args.metric)
         if task.test:
             result = evaluate(str(args.out), task, chat_template=args.chat_template, progress=True)
             print(f"{task.name} test {task.metric}: {result.score:.4f} (n={result.n})")
-
-
-def _load_task(source: str, metric: str | None):
-    from cairn.data import load_task
-
-    if source.startswith("lm-eval:"):
-        raise ConfigError(f"--task {source}: an lm-eval task is measured by lm-eval and has no training data here; use it with cairn eval or as a probe")
-    return load_task(source, metric=metric)
 
 
 def _at_least(minimum: int, **values) -> None:

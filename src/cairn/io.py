@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cairn.errors import CairnError
+from cairn.errors import CairnError, ConfigError
 
 log = logging.getLogger("cairn")
 
@@ -182,12 +182,19 @@ def atomic_dir(out: Path, needed: int = 0, *, keep_existing: bool = False) -> It
 
 def resolved(path: Path, flag: str = "--out") -> Path:
     """`path` made absolute with its links followed; a link loop is the user's error, not a traceback."""
-    from cairn.errors import ConfigError
-
     try:
         return Path(path).resolve()
     except (RuntimeError, OSError) as exc:  # RuntimeError: Python 3.11's report of a symlink loop
         raise ConfigError(f"{flag} {path}: cannot follow its symbolic links ({exc}); remove the link or name another path") from None
+
+
+def not_the_current_folder(out: Path, what: str, flag: str = "--out") -> Path:
+    """`out` resolved, refused where it is the current folder or contains it: replacing it would
+    delete the folder the command runs in (and cannot rename it away)."""
+    here, target = Path.cwd().resolve(), resolved(out, flag)
+    if target == here or target in here.parents:
+        raise ConfigError(f"{flag} {out}: is {'the current folder' if target == here else 'a folder that contains the current one'}; name a new folder for {what}")
+    return target
 
 
 def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, flag: str = "--out") -> None:
@@ -198,13 +205,8 @@ def check_output(out: Path | str, *, earlier: bool, overwrite: bool, what: str, 
     contains it, are never replaced: the replacement renames `out`, which cannot move the folder a
     command runs in.
     """
-    from cairn.errors import ConfigError
-
     out = Path(out)
-    here = Path.cwd().resolve()
-    target = resolved(out, flag)
-    if target == here or target in here.parents:
-        raise ConfigError(f"{flag} {out}: is {'the current folder' if target == here else 'a folder that contains the current one'}; name a new folder for {what}")
+    target = not_the_current_folder(out, what, flag)
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
@@ -229,8 +231,6 @@ def exclusive(folder: Path | str, what: str) -> Iterator[None]:
     starts, rather than finding files it relies on replaced half-way. The lock is the kernel's
     (flock), so a killed holder releases it."""
     from filelock import FileLock, Timeout
-
-    from cairn.errors import ConfigError
 
     folder = Path(folder)
     resolved(folder)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from cairn.errors import ConfigError, DataError
-from cairn.io import atomic_write_json, resolved
+from cairn.io import atomic_write_json, not_the_current_folder
 
 log = logging.getLogger("cairn")
 RUN_FILE = "run.json"
@@ -44,9 +44,7 @@ def recorded_config(out: Path) -> dict | None:
 def claim(out: Path | str, config: dict, *, overwrite: bool = False) -> None:
     """Make `out` the folder of the run of `config`, or refuse (see the module's docstring)."""
     out = Path(out)
-    here, target = Path.cwd().resolve(), resolved(out)
-    if target == here or target in here.parents:
-        raise ConfigError(f"--out {out}: is the current folder or contains it; name a folder of its own for the run")
+    not_the_current_folder(out, "the run")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; choose another --out")
     entries = [p for p in out.iterdir() if p.name not in KEPT] if out.is_dir() else []

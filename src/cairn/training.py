@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from cairn.checkpoints import Checkpoints, Resume, run_identity, set_rng_states
 from cairn.data.batching import IGNORE, encode, length_grouped_loader
 from cairn.data.task import Example
-from cairn.errors import TrainingDiverged
+from cairn.errors import ConfigError, DataError, TrainingDiverged
 from cairn.fused_lora import fused_lora
 from cairn.models import causal_lm_of
 from cairn.validation import Strict
@@ -135,8 +135,6 @@ def check_lora_rank(model, cfg: TrainConfig) -> None:
     factors could not be of lower rank than the layer itself: 1e6 allocated until killed), and
     target modules that match no linear layer."""
     from torch import nn
-
-    from cairn.errors import ConfigError
 
     causal_lm = causal_lm_of(model)
     output = causal_lm.get_output_embeddings()
@@ -379,8 +377,6 @@ def train(
     from transformers import get_scheduler
 
     if not examples:
-        from cairn.errors import DataError
-
         raise DataError("no training examples")
     set_seed(cfg.seed)
     # Memory is counted from here, once earlier work's garbage is collected and the free heap it left
@@ -481,8 +477,6 @@ def train(
 def _check_distribution(accelerator, cfg: TrainConfig) -> None:
     """Refuse what this loop cannot do under `accelerate launch`, before any work: sharded
     parameters, and a global batch smaller than the number of processes."""
-    from cairn.errors import ConfigError
-
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
