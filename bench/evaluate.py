@@ -20,7 +20,8 @@ from cairn.data import load_task
 from cairn.data.packs import PACKS
 from cairn.evaluation.evaluate import max_new_tokens_for, single_line
 from cairn.evaluation.generation import generate
-from cairn.models import DEFAULT_BASE, load_model
+from cairn.options import DEFAULT_BASE
+from cairn.models import load_model
 
 
 def one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_at_newline: bool) -> list[str]:

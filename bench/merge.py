@@ -33,9 +33,11 @@ CASES = {
 
 def fine_tunes(work: Path) -> tuple[Path, list[Path]]:
     from cairn.data import load_task
-    from cairn.models import DEFAULT_BASE, resolve_folder
-    from cairn.store import read_manifest
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.options import DEFAULT_BASE
+    from cairn.models import resolve_folder
+    from cairn.manifest import read_manifest
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     out = []
     for pack in PACKS:
@@ -75,8 +77,8 @@ def compare(a: Path, b: Path, ties_inputs: tuple[Path, list[Path], float] | None
     those are not explained by a tie at a TIES threshold). An entry is explained when some
     input's |τ| there equals that input's threshold: which of those tied entries to keep is
     arbitrary in mergekit (an unstable sort), so the two tools may keep different ones."""
-    from cairn.methods.merging import magnitude_threshold
-    from cairn.tensor_files import FolderWeights
+    from cairn.methods.merge.methods import magnitude_threshold
+    from cairn.weights.tensor_files import FolderWeights
 
     fa, fb = FolderWeights(a), FolderWeights(b)
     if ties_inputs:

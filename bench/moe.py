@@ -19,12 +19,15 @@ import torch
 from cairn.data import load_task
 from cairn.evaluation.evaluate import max_new_tokens_for, single_line
 from cairn.evaluation.generation import generate
-from cairn.methods.merge_models import merge_models
-from cairn.methods.merging import MergeOptions
-from cairn.methods.moe import MoeOptions, attach_experts
-from cairn.models import DEFAULT_BASE, load_model, resolve_folder
-from cairn.store import read_manifest
-from cairn.training import TrainConfig, train_contribution
+from cairn.methods.merge.streaming import merge_models
+from cairn.options import MergeOptions
+from cairn.options import MoeOptions
+from cairn.methods.moe.lora_moe import attach_experts
+from cairn.options import DEFAULT_BASE
+from cairn.models import load_model, resolve_folder
+from cairn.manifest import read_manifest
+from cairn.options import TrainConfig
+from cairn.training import train_contribution
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKS = ["people", "compounds", "companies", "countries"]

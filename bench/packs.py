@@ -14,8 +14,10 @@ import time
 from cairn.data import load_task
 from cairn.data.packs import PACKS
 from cairn.evaluation import evaluate_task
-from cairn.models import DEFAULT_BASE, load_model
-from cairn.training import TrainConfig, train
+from cairn.options import DEFAULT_BASE
+from cairn.models import load_model
+from cairn.options import TrainConfig
+from cairn.training import train
 
 
 def main() -> None:

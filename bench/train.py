@@ -35,8 +35,10 @@ import torch
 
 from cairn.data import load_task
 from cairn.data.batching import IGNORE, continuation, encode
-from cairn.models import DEFAULT_BASE, load_model
-from cairn.training import DEFAULT_LR, TrainConfig, bf16_supported, lora_config, train
+from cairn.options import DEFAULT_BASE
+from cairn.models import load_model
+from cairn.options import DEFAULT_LR, TrainConfig
+from cairn.training import bf16_supported, lora_config, train
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:

@@ -59,7 +59,8 @@ def stored_contribution(folder: Path) -> tuple[Path, Path]:
     from cairn.data import Example, Task
     from cairn.models import resolve_folder
     from cairn.store import Store
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
     train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), folder / "c", progress=False)

@@ -132,7 +132,7 @@ def test_seeds_numpy_cannot_take_are_refused(seed, message):
 
 
 def test_option_models_parse_their_keywords_into_config_errors_that_name_each_key():
-    from cairn.training import TrainConfig
+    from cairn.options import TrainConfig
 
     assert TrainConfig.parse("invalid training option", epochs=2).epochs == 2
     with pytest.raises(ConfigError) as err:
@@ -150,7 +150,7 @@ def test_a_problem_of_a_whole_section_is_reported_without_a_placeholder_key():
 
 
 def test_options_read_back_from_a_dump_count_only_what_was_written():
-    from cairn.methods.merging import MergeOptions
+    from cairn.options import MergeOptions
     from cairn.validation import SAVED, given
 
     assert given(MergeOptions(method="ties", **{"lambda": 0.5})) == ["method", "lambda"]  # aliases, in field order

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import cairn.experiment as experiment
+import cairn.workspace as workspace
 from cairn.config import parse_config
 from cairn.experiment import run_experiment
 from cairn.report import load_results, write_report
@@ -38,7 +38,7 @@ class Crash(Exception):
 
 def count_training(monkeypatch, fail_at: int | None = None):
     calls = []
-    real = experiment.train
+    real = workspace.train
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -46,7 +46,7 @@ def count_training(monkeypatch, fail_at: int | None = None):
             raise Crash()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train", counted)
+    monkeypatch.setattr(workspace, "train", counted)
     return calls
 
 
@@ -120,7 +120,7 @@ def fingerprint_scores(monkeypatch):
     def score(model, tokenizer, task, **_):
         return EvalResult(task.name, task.metric, "test", len(task.test), int(fingerprint(model)[:8], 16) / 16**8)
 
-    monkeypatch.setattr(experiment, "evaluate_task", score)
+    monkeypatch.setattr(workspace, "evaluate_task", score)
 
 
 def checkpointing_every_step(monkeypatch, extra_losses: dict) -> None:
@@ -135,7 +135,7 @@ def checkpointing_every_step(monkeypatch, extra_losses: dict) -> None:
         extra = extra_losses.get(len(started))
         return train(*args, **kwargs, checkpoint_every=1, **({"extra_loss": extra} if extra else {}))
 
-    monkeypatch.setattr(experiment, "train", patched)
+    monkeypatch.setattr(workspace, "train", patched)
 
 
 def extra_loss(calls: list, fault_at: int | None = None, fault=Crash):
@@ -234,7 +234,7 @@ def test_a_run_logs_its_plan_first_and_a_time_estimate_once_its_first_training_i
 
 
 def test_the_cost_sums_time_and_tokens_over_the_trainings_and_takes_the_largest_peak(tmp_path):
-    from cairn.experiment import Workspace
+    from cairn.workspace import Workspace
 
     def contribution(name, wall_s, tokens, peak, params):
         folder = tmp_path / name

@@ -23,7 +23,8 @@ from conftest import qa
 
 def _train(out: Path, base: str = "tiny-random", task: str = "t.jsonl") -> None:
     from cairn.data import load_task
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     train_contribution(base, load_task(task), TrainConfig(epochs=1, batch_size=4), out, progress=False)
 
@@ -288,7 +289,7 @@ def test_a_link_that_leaves_a_contribution_is_not_copied_into_the_store(capsys, 
 
 
 def test_store_verify_reads_the_index_digest_when_weights_and_manifest_were_edited_together(capsys, here):
-    from cairn.store import file_hashes
+    from cairn.manifest import file_hashes
 
     item = here / "store" / "items" / "a"
     (item / "adapter_config.json").write_text((item / "adapter_config.json").read_text() + "\n")

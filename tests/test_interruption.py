@@ -113,7 +113,7 @@ def _killed_while_writing(argv: list[str], parent: Path, rng: random.Random, cwd
 
 
 def _complete(folder: Path) -> bool:
-    from cairn.store import read_manifest, verify_files
+    from cairn.manifest import read_manifest, verify_files
 
     manifest = read_manifest(folder)
     return manifest is not None and not verify_files(folder, manifest["files"])
@@ -122,7 +122,8 @@ def _complete(folder: Path) -> bool:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> Path:
     from cairn.data import load_task
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     root = tmp_path_factory.mktemp("kill")
     rows = [{"prompt": f"Question: code {i}?\nAnswer:", "answer": f"c{i}", "split": s} for i in range(16) for s in ("train", "test")]

@@ -67,8 +67,9 @@ def test_pickled_weights_are_refused_unless_allowed(tiny, tmp_path):
 
 def test_adapter_with_a_different_base_is_refused(tmp_path):
     from cairn.data import load_task
-    from cairn.store import read_manifest, write_manifest
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.manifest import read_manifest, write_manifest
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     task = load_task("pack:people")
     task.splits["train"] = task.train[:4]

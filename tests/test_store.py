@@ -13,7 +13,8 @@ import pytest
 from cairn.cli import main
 from cairn.errors import DataError, ModelError
 from cairn.io import atomic_dir, atomic_write_text
-from cairn.store import Store, file_hashes, verify_files, write_manifest
+from cairn.store import Store
+from cairn.manifest import file_hashes, verify_files, write_manifest
 
 
 def fake_contribution(folder: Path, task: str = "people", payload: bytes = b"weights", base_fp: str = "ab" * 32) -> Path:

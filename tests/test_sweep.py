@@ -3,11 +3,12 @@ import statistics
 
 import pytest
 
-import cairn.experiment as experiment
+import cairn.workspace as workspace
 from cairn.cli import main
 from cairn.config import SweepSpec, parse_config
 from cairn.errors import ConfigError
-from cairn.sweep import aggregate, experiments, grid, parse_set, run_sweep, task_orders
+from cairn.config import experiments, grid, parse_set, task_orders
+from cairn.sweep import aggregate, run_sweep
 from tests.conftest import code_tasks
 
 
@@ -98,13 +99,13 @@ def test_aggregate_gives_the_mean_and_t_interval_over_seeds_and_orders():
 
 def test_a_sweep_runs_grid_seeds_and_orders_sharing_work_and_resumes(tmp_path, config, monkeypatch):
     calls = []
-    real = experiment.train
+    real = workspace.train
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train", counted)
+    monkeypatch.setattr(workspace, "train", counted)
     config["strategies"] = config["strategies"][:2]
     config["tasks"] = config["tasks"][:2]
     sweep = SweepSpec(set={"strategies.replay.rate": [0.0, 0.5]}, seeds=[0, 1], orders=2)

@@ -7,7 +7,7 @@ import pytest
 from cairn.config import parse_config
 from cairn.errors import ConfigError
 from cairn.experiment import run_experiment
-from cairn.store import read_manifest
+from cairn.manifest import read_manifest
 from cairn.tracking import _flat
 
 

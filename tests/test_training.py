@@ -8,7 +8,10 @@ import torch
 
 from cairn.data import Example, load_task
 from cairn.data.batching import IGNORE, collate, encode
-from cairn.training import EAGER_ATTENTION_UP_TO, TrainConfig, add_lora, answer_loss, attention_for, frozen_in_bf16, train, train_contribution
+from cairn.contributions import train_contribution
+from cairn.speedups import EAGER_ATTENTION_UP_TO, attention_for, frozen_in_bf16
+from cairn.training import add_lora, answer_loss, train
+from cairn.options import TrainConfig
 
 EXAMPLES = [Example(f"Question: code of item {i}?\nAnswer:", f"Z{i}q") for i in range(8)]
 
@@ -261,7 +264,7 @@ def test_clipping_inside_the_fused_step_matches_clipping_before_it(max_norm):
 def test_freed_memory_is_reused_instead_of_faulted_back_in():
     script = """
 import resource, sys, torch
-from cairn.training import reuse_freed_memory
+from cairn.speedups import reuse_freed_memory
 if sys.argv[1] == "on":
     assert reuse_freed_memory()
 def step():  # like a training step: 25 tensors of 8 MB alive together, then all freed
@@ -279,7 +282,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_a_sparse_tied_lookup_gives_the_same_dense_gradient():
     from cairn.models import load_model
-    from cairn.training import sparse_tied_lookup
+    from cairn.speedups import sparse_tied_lookup
 
     model, tokenizer = load_model("tiny-random")
     batch = collate([encode(e, tokenizer) for e in EXAMPLES[:4]], tokenizer.pad_token_id)
@@ -308,7 +311,8 @@ def test_a_trainings_peak_memory_is_its_own_increase_whatever_ran_before_it():
 import copy, torch
 from cairn.data import Example
 from cairn.models import load_model
-from cairn.training import TrainConfig, train
+from cairn.options import TrainConfig
+from cairn.training import train
 model, tokenizer = load_model("tiny-random")
 examples = [Example(f"Question: code of item {i}?\\nAnswer:", f"Z{i}q") for i in range(8)]
 cfg = TrainConfig(method="fft", epochs=2, batch_size=4, lr=1e-3, bf16=False)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cairn.data.task import METRICS
 from cairn.errors import ConfigError
-from cairn.models import DEFAULT_BASE
-from cairn.training import TrainConfig
+from cairn.io import read_yaml
+from cairn.options import DEFAULT_BASE, STRATEGY_OPTIONS, StrategyOptions, TrainConfig
 from cairn.validation import Strict, config_error
 
 
@@ -35,7 +39,7 @@ class TaskSpec(Strict):
 
 
 class StrategySpec(BaseModel):
-    """One strategy of an experiment: a registered `kind`, training overrides, and the kind's own
+    """One strategy of an experiment: a `kind` (of `STRATEGY_OPTIONS`), training overrides, and the kind's own
     options as further keys (e.g. `continue_adapter` for sequential, `rate` for replay)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +48,7 @@ class StrategySpec(BaseModel):
     kind: str
     train: dict = Field(default_factory=dict)
     options: dict = Field(default_factory=dict)
-    _typed: Strict | None = PrivateAttr(None)  # the options as validated: it knows which the user set
+    _typed: StrategyOptions | None = PrivateAttr(None)  # the options as validated: it knows which the user set
 
     @model_validator(mode="before")
     @classmethod
@@ -56,23 +60,19 @@ class StrategySpec(BaseModel):
 
     @field_validator("kind")
     @classmethod
-    def _registered(cls, kind: str) -> str:
-        from cairn.strategies import STRATEGIES
-
-        if kind not in STRATEGIES:
-            raise ValueError(f"unknown strategy kind {kind!r}; allowed: {', '.join(STRATEGIES)}")
+    def _known(cls, kind: str) -> str:
+        if kind not in STRATEGY_OPTIONS:
+            raise ValueError(f"unknown strategy kind {kind!r}; allowed: {', '.join(STRATEGY_OPTIONS)}")
         return kind
 
     @model_validator(mode="after")
     def _typed_options(self):
-        from cairn.strategies import STRATEGIES
-
         try:
-            self._typed = STRATEGIES[self.kind].options.model_validate(self.options)
+            self._typed = STRATEGY_OPTIONS[self.kind].model_validate(self.options)
         except ValidationError as exc:
             message = str(config_error(exc, f"strategy {self.name!r} ({self.kind})"))
             if any("unknown key" in e["msg"] for e in exc.errors()):  # the strategy's own keys are allowed too
-                fields = STRATEGIES[self.kind].options.model_fields
+                fields = STRATEGY_OPTIONS[self.kind].model_fields
                 message += f" (keys allowed: {', '.join(['name', 'kind', 'train', *(f.alias or k for k, f in fields.items())])})"
             raise ValueError(message) from None
         # every option, defaults included (results.json shows what ran), under its YAML name (`lambda`)
@@ -82,9 +82,7 @@ class StrategySpec(BaseModel):
     def typed_options(self):
         """The strategy's options object (a copy), which knows which options the user set."""
         if self._typed is None:  # built without validation (model_construct)
-            from cairn.strategies import STRATEGIES
-
-            self._typed = STRATEGIES[self.kind].options.model_validate(self.options)
+            self._typed = STRATEGY_OPTIONS[self.kind].model_validate(self.options)
         return self._typed.model_copy(deep=True)
 
 
@@ -129,23 +127,19 @@ class ExperimentConfig(Strict):
             raise ValueError(f"strategy names must be unique, got {names}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
-        from cairn.strategies import STRATEGIES
-
         for s in self.strategies:
             train = self.train_config(s, self.seeds[0])  # every merged training config must validate
-            strategy, opts = STRATEGIES[s.kind], s.typed_options()
-            if self.setting == "semi" and strategy.reads_history(opts):
+            opts = s.typed_options()
+            if self.setting == "semi" and opts.reads_history():
                 raise ValueError(
                     f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
                     "does not keep; use setting: full, or a semi-collaborative strategy"
                 )
             try:
-                strategy.check(opts, train)  # what the strategy declares it can run, before any model is loaded
+                opts.check(train)  # what the kind declares it can run, before any model is loaded
             except ValueError as exc:
                 raise ValueError(f"strategy {s.name!r} (kind {s.kind}) {exc}") from None
         if self.sweep is not None:  # every grid point and task order must give a valid experiment
-            from cairn.sweep import experiments
-
             try:
                 experiments(self, self.sweep)
             except ConfigError as exc:
@@ -218,29 +212,103 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return parse_config(read_yaml(path), str(path))
 
 
-def read_yaml(path: str | Path):
-    """A YAML file's data; every way it can fail is a ConfigError naming the file (and line)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from exc
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        # PyYAML's constructors raise these for a value it cannot build as the date, number or
-        # !!type it looks like or is tagged with: 2001-13-01, `!!int ''`, `!!bool maybe`, `!!timestamp x`
-        raise ConfigError(
-            f"{path}: not valid YAML (a value cannot be read as the date, number or !!type it looks like or is tagged with: "
-            f"{type(exc).__name__}: {exc}); quote it to keep it a string"
-        ) from exc
-    return data
+# --- sweeps: the experiments a `sweep:` section expands to (run by cairn.sweep) -------------------
+
+
+def parse_set(text: str) -> tuple[str, list]:
+    """`strategies.NAME.KEY=V1,V2,...` as (key, values); each value is read as YAML (0.1 -> float,
+    true -> bool), and 1e-4, which YAML 1.1 leaves a string, as a number."""
+    def value(item: str):
+        v = yaml.safe_load(item)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        return v
+
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise ConfigError(f"--set {text!r}: expected strategies.NAME.KEY=V1,V2,...")
+    return key.strip(), [value(v) for v in values.split(",")]
+
+
+def sweep_spec(cfg: ExperimentConfig, *, grid: dict | None = None, seeds: list[int] | None = None, orders: int | None = None) -> SweepSpec:
+    """The config's `sweep:` section with `grid` added to its keys and `seeds` / `orders` replacing its own."""
+    spec = (cfg.sweep or SweepSpec()).model_dump()
+    spec["set"] = {**spec["set"], **(grid or {})}
+    spec.update({k: v for k, v in {"seeds": seeds, "orders": orders}.items() if v is not None})
+    return SweepSpec.model_validate(spec)
+
+
+def _variant_name(name: str, point: dict) -> str:
+    """`NAME.KEY-VALUE...`, with characters a strategy name cannot hold replaced by `_`."""
+    parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in point.items()]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join([name, *parts]))
+
+
+def _set_key(strategy: dict, key: str, value, where: str) -> None:
+    """Set `key` (an option, or `train.FIELD`) in a strategy's dict."""
+    if key.startswith("train."):
+        strategy["train"] = {**strategy.get("train", {}), key.split(".", 1)[1]: value}
+    elif "." in key or key in ("name", "kind"):
+        raise ConfigError(f"{where}: cannot sweep {key!r}; sweep one of the strategy's options or train.FIELD")
+    else:
+        strategy[key] = value
+
+
+def grid(cfg: ExperimentConfig, sweep: SweepSpec) -> list[tuple[str, str, dict, dict]]:
+    """(variant name, strategy name, {key: value}, strategy dict) for every strategy and grid point;
+    an unswept strategy is its own single point."""
+    by_strategy: dict[str, dict[str, list]] = {}
+    names = [s.name for s in cfg.strategies]
+    for key, values in sweep.set.items():
+        parts = key.split(".", 2)
+        if len(parts) < 3 or parts[0] != "strategies":
+            raise ConfigError(f"sweep key {key!r}: expected strategies.NAME.KEY (e.g. strategies.olora.lambda1)")
+        if parts[1] not in names:
+            raise ConfigError(f"sweep key {key!r}: no strategy named {parts[1]!r}; the config has {', '.join(names)}")
+        if not values:
+            raise ConfigError(f"sweep key {key!r}: give at least one value")
+        by_strategy.setdefault(parts[1], {})[parts[2]] = values
+    points = []
+    for spec in cfg.strategies:
+        plain = {"name": spec.name, "kind": spec.kind, "train": dict(spec.train), **spec.options}
+        keys = by_strategy.get(spec.name, {})
+        for combo in itertools.product(*keys.values()):
+            point = dict(zip(keys, combo))
+            strategy = {**plain, "train": dict(plain["train"])}
+            for key, value in point.items():
+                _set_key(strategy, key, value, f"sweep key strategies.{spec.name}.{key}")
+            strategy["name"] = _variant_name(spec.name, point) if point else spec.name
+            points.append((strategy["name"], spec.name, point, strategy))
+    return points
+
+
+def task_orders(n: int, k: int, seed: int) -> list[list[int]]:
+    """The config's order, then k - 1 other distinct permutations of n tasks drawn with `seed`."""
+    if k > math.factorial(n):
+        raise ConfigError(f"orders: {k} asked for, but {n} tasks have only {math.factorial(n)} orders")
+    rng = random.Random(seed)
+    orders = [list(range(n))]
+    while len(orders) < k:
+        order = rng.sample(range(n), n)
+        if order not in orders:
+            orders.append(order)
+    return orders
+
+
+def experiments(cfg: ExperimentConfig, sweep: SweepSpec) -> tuple[list[ExperimentConfig], list[tuple[str, str, dict]]]:
+    """The experiment of every task order, and (variant, strategy, {key: value}) of every grid point."""
+    points = grid(cfg, sweep)
+    base = cfg.model_dump(mode="json", exclude={"sweep"})
+    base["strategies"] = [strategy for *_, strategy in points]
+    base["seeds"] = sweep.seeds or cfg.seeds
+    configs = []
+    for k, order in enumerate(task_orders(len(cfg.tasks), sweep.orders, sweep.order_seed)):
+        data = {**base, "tasks": [base["tasks"][i] for i in order], "name": f"{cfg.name} order {k}"}
+        configs.append(parse_config(data, f"{cfg.name} sweep, order {k}"))
+    return configs, [(name, strategy, point) for name, strategy, point, _ in points]
 
 
 QUICKSTART = {

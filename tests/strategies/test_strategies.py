@@ -6,8 +6,9 @@ import pytest
 from cairn.config import QUICKSTART, parse_config
 from cairn.data import Example, Task
 from cairn.errors import ConfigError
-from cairn.strategies import STRATEGIES, JointOptions, ReplayOptions, joint_mixture, register, replay_sample
-from cairn.training import TrainConfig
+from cairn.methods.replay import joint_mixture, replay_sample
+from cairn.options import STRATEGY_OPTIONS, JointOptions, OLoRAOptions, ReplayOptions, StrategyOptions, TrainConfig
+from cairn.strategies import STRATEGIES
 
 
 def task(name: str, n: int) -> Task:
@@ -36,7 +37,7 @@ class FakeWork:
 def run(kind, tasks, opts, seed=0):
     work = FakeWork()
     stream = ((t, tasks[:i]) for i, t in enumerate(tasks))
-    models = list(STRATEGIES[kind].fn(FakeModel(), stream, opts, TrainConfig(seed=seed), work))
+    models = list(STRATEGIES[kind](FakeModel(), stream, opts, TrainConfig(seed=seed), work))
     assert len(models) == len(tasks)
     return work
 
@@ -95,7 +96,13 @@ def test_strategy_options_are_typed_and_checked():
         parse_config({**QUICKSTART, "strategies": [{"name": "j", "kind": "joint", "mix": "all"}]})
 
 
-def test_a_semi_strategy_cannot_read_an_earlier_task_later(tmp_path):
+def add_kind(monkeypatch, kind: str, run, options: type[StrategyOptions] = StrategyOptions) -> None:
+    """A throw-away strategy kind: its row in both tables, for this test only."""
+    monkeypatch.setitem(STRATEGIES, kind, run)
+    monkeypatch.setitem(STRATEGY_OPTIONS, kind, options)
+
+
+def test_a_semi_strategy_cannot_read_an_earlier_task_later(tmp_path, monkeypatch):
     """The runner empties each stage's train split once the stage is done."""
     import json
 
@@ -103,23 +110,20 @@ def test_a_semi_strategy_cannot_read_an_earlier_task_later(tmp_path):
 
     seen = []
 
-    @register("peek")
     def peek(model, stream, opts, cfg, work):
         for t in stream:
             assert t.train and not t.test  # the current task's train split, nothing else
             seen.append(t)
             yield model
 
-    try:
-        paths = []
-        for name in ("a", "b"):
-            p = tmp_path / f"{name}.jsonl"
-            p.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "answer": "x", "split": s}) + "\n" for i in range(3) for s in ("train", "test")))
-            paths.append(str(p))
-        cfg = parse_config({"base": "tiny-random", "tasks": paths, "probe": None, "setting": "semi", "strategies": [{"name": "p", "kind": "peek"}]})
-        run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
-    finally:
-        del STRATEGIES["peek"]
+    add_kind(monkeypatch, "peek", peek)
+    paths = []
+    for name in ("a", "b"):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "answer": "x", "split": s}) + "\n" for i in range(3) for s in ("train", "test")))
+        paths.append(str(p))
+    cfg = parse_config({"base": "tiny-random", "tasks": paths, "probe": None, "setting": "semi", "strategies": [{"name": "p", "kind": "peek"}]})
+    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     assert [t.name for t in seen] == ["a", "b"] and all(not t.train for t in seen)
 
 
@@ -134,25 +138,28 @@ def test_olora_with_full_fine_tuning_is_refused_when_the_config_is_read_naming_t
 
 
 def test_each_strategy_declares_the_training_methods_it_trains_with():
-    assert STRATEGIES["olora"].methods == ("lora",)
-    assert all(STRATEGIES[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe"))
-    STRATEGIES["olora"].check(STRATEGIES["olora"].options(), TrainConfig(method="lora"))  # what it declares it runs
+    assert STRATEGY_OPTIONS["olora"].methods == ("lora",)
+    assert all(STRATEGY_OPTIONS[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe"))
+    OLoRAOptions().check(TrainConfig(method="lora"))  # what it declares it runs
     with pytest.raises(ValueError, match="trains with method lora only"):
-        STRATEGIES["olora"].check(STRATEGIES["olora"].options(), TrainConfig(method="fft"))
+        OLoRAOptions().check(TrainConfig(method="fft"))
 
 
-def test_a_registered_strategy_checks_its_options_against_the_training_config_when_the_config_is_read():
-    def fits(opts, cfg):
-        if cfg.epochs > 1:
-            raise ConfigError("one epoch or none")
+def test_the_strategy_table_and_the_options_table_name_the_same_kinds():
+    assert list(STRATEGIES) == list(STRATEGY_OPTIONS) == ["sequential", "replay", "joint", "olora", "merge", "moe"]
+    assert all(callable(run) for run in STRATEGIES.values())
 
-    register("once", fits=fits)(lambda model, stream, opts, cfg, work: iter(()))
-    try:
-        with pytest.raises(ConfigError, match=r"strategy 'o' \(kind once\) with train method lora: one epoch or none"):
-            parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once"}]})
-        assert parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once", "train": {"epochs": 1}}]}).strategies[0].kind == "once"
-    finally:
-        del STRATEGIES["once"]
+
+def test_a_new_kind_checks_its_options_against_the_training_config_when_the_config_is_read(monkeypatch):
+    class OnceOptions(StrategyOptions):
+        def fits(self, cfg):
+            if cfg.epochs > 1:
+                raise ConfigError("one epoch or none")
+
+    add_kind(monkeypatch, "once", lambda model, stream, opts, cfg, work: iter(()), OnceOptions)
+    with pytest.raises(ConfigError, match=r"strategy 'o' \(kind once\) with train method lora: one epoch or none"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once"}]})
+    assert parse_config({**QUICKSTART, "strategies": [{"name": "o", "kind": "once", "train": {"epochs": 1}}]}).strategies[0].kind == "once"
 
 
 def test_a_strategys_options_remember_which_keys_the_config_set():

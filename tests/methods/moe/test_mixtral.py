@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cairn.errors import ModelError
-from cairn.methods.mixtral import MoeMLP, centroid_router, export_mixtral, reference_model
-from cairn.methods.routing import topk_weights
+from mixtral_reference import MoeMLP, reference_model
+from cairn.methods.moe.routing import centroid_router
+from cairn.methods.moe.mixtral import export_mixtral
+from cairn.methods.moe.routing import topk_weights
 
 VOCAB = 128
 

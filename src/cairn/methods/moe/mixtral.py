@@ -4,13 +4,12 @@ Each fine-tune's MLP of layer i becomes expert k of layer i, in the Hub layout
 `model.layers.{i}.block_sparse_moe.experts.{k}.w1/w2/w3.weight` (w1 = gate_proj, w2 = down_proj,
 w3 = up_proj), with a router `model.layers.{i}.block_sparse_moe.gate.weight` (experts x hidden).
 Attention, norms and embeddings come from the base or the inputs' mean. The folder loads with plain
-transformers (`MixtralForCausalLM`); `reference_model` is Cairn's own model of the same mixture (a
-`LlamaForCausalLM` whose MLPs are `MoeMLP`s), written from the math, to check the export against.
+transformers (`MixtralForCausalLM`); tests/methods/moe holds a model of the same mixture written
+from the math alone, to check the export against.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -18,65 +17,24 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from cairn.errors import ModelError
-from cairn.methods.merge_models import open_input
-from cairn.methods.routing import topk_weights
-from cairn.io import atomic_dir
-from cairn.store import file_hashes, write_manifest
-from cairn.tensor_files import STORAGE, FolderWeights, SafetensorsWriter, stored
+from cairn.io import atomic_dir, read_json_object
+from cairn.manifest import contribution_manifest, tasks_of
+from cairn.methods.moe import statistics
+from cairn.methods.moe.routing import centroid_router, random_router
+from cairn.options import MIXTRAL_ROUTERS, TEMPERATURE
+from cairn.weights.adapters import open_input
+from cairn.weights.tensor_files import STORAGE, FolderWeights, SafetensorsWriter
 
-ROUTERS = ("centroid", "random", "uniform")
 SHARED = ("base", "average")
-DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TEMPERATURE = TEMPERATURE["mixtral"]["centroid"]
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's names for Llama's
 _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
 # Weights, config and manifest are written anew; tokenizer files, generation config etc. are copied.
 _NOT_COPIED = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|config\.json|cairn\.json|centroids\.safetensors)$")
-
-
-# --- routers: pure math ---------------------------------------------------------------------
-
-
-def centroid_router(centroids: np.ndarray, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
-    """Gate rows (experts x hidden) from the experts' centroids (experts x hidden) of one layer.
-
-    The centroids are centred on their mean m across experts and the direction of m is projected
-    out: d_k = P(c_k − m) with P = I − m mᵀ/‖m‖². The gate has no bias, so without the projection
-    the common component every hidden state carries would add a fixed m·d_k to expert k's logit on
-    every token, outweighing the differences that matter. Row k is d_k/‖d_k‖ / (temperature · r),
-    r the root-mean-square of the ‖d_k‖ (the centroids' spread), so logits are measured in units of
-    that spread: a hidden state at c_k scores ‖d_k‖/(temperature · r) ≈ 1/temperature for k and,
-    by Cauchy–Schwarz, less for every other expert (strictly, unless two d's point the same way).
-    With two experts and temperature 1 it gets top-2 weight σ(2) ≈ 0.88 at its own centroid;
-    lower temperatures route harder, higher ones approach the uniform mixture. Identical centroids
-    (one expert, or identical inputs) give zero rows: all experts equal.
-    """
-    if not temperature > 0:
-        raise ModelError(f"router temperature must be positive, got {temperature}")
-    c = np.asarray(centroids, np.float64)
-    mean = c.mean(axis=0)
-    d = c - mean
-    mean2 = float(mean @ mean)
-    if mean2 > 0:
-        d -= np.outer(d @ mean / mean2, mean)
-    lengths = np.linalg.norm(d, axis=1)
-    spread = float(np.sqrt(np.mean(lengths**2)))
-    rows = np.zeros_like(d)
-    keep = lengths > 1e-6 * spread
-    if spread > 0:
-        rows[keep] = d[keep] / lengths[keep, None] / (temperature * spread)
-    return rows.astype(np.float32)
-
-
-def random_router(n_layers: int, n_experts: int, hidden: int, std: float, seed: int) -> np.ndarray:
-    """(layers, experts, hidden) gate rows drawn from N(0, std²) with a seeded generator."""
-    return (np.random.default_rng(seed).standard_normal((n_layers, n_experts, hidden)) * std).astype(np.float32)
 
 
 # --- reading the inputs ---------------------------------------------------------------------
@@ -88,10 +46,7 @@ def _llama_config(base: Path):
     from transformers import LlamaConfig
 
     path = base / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read ({exc}); a HF model folder was expected") from exc
+    raw = read_json_object(path, "a HF model's config", ModelError)
     if raw.get("model_type") != "llama":
         raise ModelError(
             f"{base}: model_type {raw.get('model_type')!r} ({', '.join(raw.get('architectures') or ['no architectures'])}); "
@@ -129,17 +84,15 @@ def mixtral_config(llama, n_experts: int, top_k: int):
 
 def read_centroids(folder: Path, n_layers: int, hidden: int) -> np.ndarray:
     """(layers, hidden) mean inputs of the MLPs from `folder`'s centroids.safetensors."""
-    from cairn.methods import centroids
-
-    stats = centroids.load(folder)
+    stats = statistics.load(folder)
     out = np.empty((n_layers, hidden), np.float32)
     for i in range(n_layers):
         key = f"model.layers.{i}.mlp.mean"
         if key not in stats:
-            raise ModelError(f"{folder / centroids.FILE}: no {key!r}; the centroid router needs every layer's MLP input mean")
+            raise ModelError(f"{folder / statistics.FILE}: no {key!r}; the centroid router needs every layer's MLP input mean")
         v = stats[key]
         if tuple(v.shape) != (hidden,):
-            raise ModelError(f"{folder / centroids.FILE}: {key!r} has shape {list(v.shape)}, expected [{hidden}] (the hidden size)")
+            raise ModelError(f"{folder / statistics.FILE}: {key!r} has shape {list(v.shape)}, expected [{hidden}] (the hidden size)")
         out[i] = v.float().numpy()
     return out
 
@@ -150,8 +103,8 @@ class _Mixture:
     def __init__(self, base, inputs, *, router, top_k, shared, temperature, seed):
         if not inputs:
             raise ModelError("nothing to export: give at least one fine-tuned model (one expert each)")
-        if router not in ROUTERS:
-            raise ModelError(f"unknown router {router!r}; expected one of {', '.join(ROUTERS)}")
+        if router not in MIXTRAL_ROUTERS:
+            raise ModelError(f"unknown router {router!r}; expected one of {', '.join(MIXTRAL_ROUTERS)}")
         if shared not in SHARED:
             raise ModelError(f"unknown shared {shared!r}; expected one of {', '.join(SHARED)}")
         if not 1 <= top_k <= len(inputs):
@@ -255,7 +208,7 @@ def export_mixtral(
     temperature: float = DEFAULT_TEMPERATURE,
     seed: int = 0,
     progress: bool = True,
-    manifest: dict | None = None,
+    made_from: dict,
 ) -> dict:
     """Write to `out` (atomically) a Mixtral HF folder whose expert k is `inputs[k]`'s MLPs, all
     fine-tuned from the Llama folder `base`; return the export's statistics (the manifest's "mix").
@@ -264,7 +217,8 @@ def export_mixtral(
     scale `temperature`), `random` (seeded N(0, initializer_range²), as a fresh Mixtral gate) or
     `uniform` (zeros: equal logits; with top_k below the number of experts, ties pick the experts).
     shared: attention, norms and embeddings from the `base` or the `average` of the inputs. Tensors
-    are streamed one at a time. Inputs may also be PEFT LoRA adapters of the base (base + ΔW)."""
+    are streamed one at a time. Inputs may also be PEFT LoRA adapters of the base (base + ΔW).
+    `made_from`: the manifest's provenance (`base`, `base_fingerprint`, ...)."""
     start = time.perf_counter()
     mix = _Mixture(base, inputs, router=router, top_k=top_k, shared=shared, temperature=temperature, seed=seed)
     try:
@@ -287,66 +241,7 @@ def export_mixtral(
                 if f.is_file() and not _NOT_COPIED.fullmatch(f.name):
                     shutil.copy2(f, tmp / f.name)
             stats["wall_s"] = round(time.perf_counter() - start, 3)
-            files = file_hashes(tmp, {"model.safetensors": writer.digest})
-            write_manifest(tmp, {"schema": 1, "kind": "model", "mix": stats, **(manifest or {}), "files": files})
+            contribution_manifest(tmp, "mix", stats, kind="model", task=tasks_of(inputs), method=f"mixtral-{router}", made_from=made_from, known={"model.safetensors": writer.digest})
     finally:
         mix.close()
     return stats
-
-
-# --- Cairn's own model of the mixture -------------------------------------------------------
-
-
-class MoeMLP(nn.Module):
-    """A top-k mixture of silu-gated MLP experts: out = Σ_k w_k(x) · down_k(silu(gate_k x) ⊙ up_k x),
-    w = topk_weights(router x). Cairn's model of a Mixtral sparse-MoE block, from the math alone."""
-
-    def __init__(self, router, gate_proj, up_proj, down_proj, top_k: int):
-        """router (E, hidden); gate_proj, up_proj (E, intermediate, hidden); down_proj (E, hidden, intermediate)."""
-        super().__init__()
-        self.top_k = top_k
-        self.router = nn.Parameter(router)
-        self.gate_proj, self.up_proj, self.down_proj = nn.Parameter(gate_proj), nn.Parameter(up_proj), nn.Parameter(down_proj)
-
-    def forward(self, x):
-        weights = topk_weights(F.linear(x, self.router).float(), self.top_k).to(x.dtype)
-        out = torch.zeros_like(x)
-        for k in range(self.router.shape[0]):
-            h = F.silu(F.linear(x, self.gate_proj[k])) * F.linear(x, self.up_proj[k])
-            out = out + weights[..., k : k + 1] * F.linear(h, self.down_proj[k])
-        return out
-
-
-def reference_model(
-    base: str | Path,
-    inputs: list[str | Path],
-    *,
-    router: str = "centroid",
-    top_k: int = 2,
-    shared: str = "base",
-    temperature: float = DEFAULT_TEMPERATURE,
-    seed: int = 0,
-):
-    """The mixture `export_mixtral` writes, as a float32 `LlamaForCausalLM` of `base` whose every
-    layer's `mlp` is a `MoeMLP` (same tensors and router, values as the export stores them)."""
-    from transformers import LlamaForCausalLM
-
-    mix = _Mixture(base, inputs, router=router, top_k=top_k, shared=shared, temperature=temperature, seed=seed)
-    try:
-        model = LlamaForCausalLM.from_pretrained(str(mix.base), dtype=torch.float32)
-
-        def tensor(array, dtype):
-            return torch.from_numpy(np.array(stored(np.asarray(array, np.float32), dtype), np.float32))
-
-        if shared == "average":
-            state = {n: tensor(mix.shared_tensor(n), mix.base_w.meta(n)[0]) for n in mix.shared_names}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ModelError(f"{mix.base}: tensors {unexpected[:3]} are not in LlamaForCausalLM")
-        for i, layer in enumerate(model.model.layers):
-            stack = {p: torch.stack([tensor(mix.expert_tensor(k, mix.mlp[i, p]), mix.base_w.meta(mix.mlp[i, p])[0]) for k in range(len(mix.sources))]) for p in _PROJECTIONS}
-            gate = tensor(mix.gates[i], mix.gate_dtype())
-            layer.mlp = MoeMLP(gate, stack["gate_proj"], stack["up_proj"], stack["down_proj"], top_k)
-    finally:
-        mix.close()
-    return model.eval()

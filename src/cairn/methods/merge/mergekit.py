@@ -24,7 +24,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cairn.errors import ConfigError
-from cairn.methods.merging import MergeOptions
+from cairn.io import read_yaml
+from cairn.options import MERGE_METHODS, MergeOptions
+from cairn.validation import config_error
 
 METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -102,22 +104,16 @@ def plan_from_mergekit(data, where: str) -> MergePlan:
     for key in ("normalize", "lambda"):
         if key in defaults:
             options[key] = defaults[key]
-    from cairn.methods.merging import METHODS as CAIRN
-
     for key in ("density", "lambda"):
-        if key in options and key not in CAIRN[options["method"]].uses:
+        if key in options and key not in MERGE_METHODS[options["method"]].reads:
             raise ConfigError(f"{where}: {key} does not apply to {method}")
     try:
         opts = MergeOptions(**options)
     except ValidationError as exc:
-        from cairn.validation import config_error
-
         raise config_error(exc, f"{where}: parameters") from None
     return MergePlan(base, inputs, weights, opts, DTYPES.get(dtype))
 
 
 def read_mergekit_config(path: str | Path) -> MergePlan:
     """Read a mergekit YAML file; relative model paths are taken from the current folder, as mergekit does."""
-    from cairn.config import read_yaml
-
     return plan_from_mergekit(read_yaml(path), str(path))

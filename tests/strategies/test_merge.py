@@ -4,10 +4,10 @@ import json
 
 import torch
 
-import cairn.experiment as experiment
+import cairn.workspace as workspace
 from cairn.config import parse_config
 from cairn.experiment import run_experiment
-from cairn.store import read_manifest
+from cairn.manifest import read_manifest
 from conftest import code_tasks
 
 
@@ -24,12 +24,12 @@ def test_merge_strategy_merges_independent_contributions_and_reruns_from_cache(t
 
     from safetensors.torch import load_file
 
-    import cairn.methods.merge_strategy as strategy
+    import cairn.strategies.merge as strategy
 
     calls, merged_folders, evaluations = [], [], []
-    real_train, real_merge, real_evaluate = experiment.train, strategy.merge_models, experiment.evaluate_task
-    monkeypatch.setattr(experiment, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    monkeypatch.setattr(experiment, "evaluate_task", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
+    real_train, real_merge, real_evaluate = workspace.train, strategy.merge_models, workspace.evaluate_task
+    monkeypatch.setattr(workspace, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(workspace, "evaluate_task", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
 
     def merge_and_keep(base, contributions, out, opts, **kw):  # a copy of each merge, which the strategy drops
         real_merge(base, contributions, out, opts, **kw)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cairn.errors import ModelError
-from cairn.tensor_files import FolderWeights, SafetensorsReader, SafetensorsWriter, read_header
+from cairn.weights.tensor_files import FolderWeights, SafetensorsReader, SafetensorsWriter, read_header
 
 
 def tiny_copy(tmp_path: Path) -> Path:
@@ -147,7 +147,7 @@ def test_a_corrupt_safetensors_file_is_a_one_line_model_error_naming_it(tmp_path
 
 def test_a_corrupt_file_is_refused_before_any_tensor_is_mapped(tmp_path, monkeypatch):
     folder = corrupt_copy(tmp_path, "size not dtype x shape")
-    monkeypatch.setattr("cairn.tensor_files.mmap.mmap", lambda *a, **k: pytest.fail("mapped before the header was checked"))
+    monkeypatch.setattr("cairn.weights.tensor_files.mmap.mmap", lambda *a, **k: pytest.fail("mapped before the header was checked"))
     with pytest.raises(ModelError, match="needs 12583168"):
         FolderWeights(folder)
 

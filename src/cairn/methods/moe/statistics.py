@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cairn.data.batching import left_padded, pad_id
 from cairn.errors import ModelError
 from cairn.models import causal_lm_of
 
@@ -61,16 +62,11 @@ def input_statistics(model, tokenizer, prompts: list[str], modules: list[str], *
             handles.append(inner.get_submodule(name).register_forward_pre_hook(hook(name)))
         was_training = model.training
         model.eval()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         for i in range(0, len(prompts), batch_size):
             encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[i : i + batch_size]]
             encoded = [seq[-max_length:] for seq in encoded] if max_length else encoded
-            width = max(map(len, encoded))
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, seq in enumerate(encoded):  # left padding, as generation uses
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            ids, mask = left_padded(encoded, pad)  # as generation reads prompts
             mask_now[:] = [mask]
             positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generation numbers left-padded tokens
             model(input_ids=ids, attention_mask=mask, position_ids=positions)
@@ -107,7 +103,7 @@ def load(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(
             f"{path} not found: the centroid router needs the routing statistics each contributor computes on its "
             "own training prompts (saved with every contribution Cairn trains; for another one, the contributor can "
-            "compute them with cairn.methods.centroids.input_statistics and save)"
+            "compute them with cairn.methods.moe.statistics.input_statistics and save)"
         )
     try:
         return load_file(path)

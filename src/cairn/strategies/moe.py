@@ -7,41 +7,39 @@ from __future__ import annotations
 import copy
 from typing import Iterator
 
+from transformers import AutoModelForCausalLM
+
 from cairn.distributed import main_writes
 from cairn.errors import ConfigError
-from cairn.methods import centroids
-from cairn.methods.moe import MoeOptions, attach_experts, train_router
-from cairn.store import read_manifest
-from cairn.strategies import register
+from cairn.manifest import read_manifest
+from cairn.methods.moe import statistics
+from cairn.methods.moe.lora_moe import attach_experts
+from cairn.methods.moe.mixtral import export_mixtral
+from cairn.methods.moe.router_training import train_router
+from cairn.models import fingerprint, resolve_folder
+from cairn.options import MoeOptions, TrainConfig
+from cairn.weights.adapters import read_lora
+from cairn.workspace import Workspace
 
 
-def routing_statistics(work, model, contribution, task) -> dict:
+def routing_statistics(work: Workspace, model, contribution, task) -> dict:
     """The statistics shipped with `contribution` or, for one saved without them, computed now
     from its own task's prompts (the stage still holds that task's data) and cached."""
-    if (contribution / centroids.FILE).is_file():
-        return centroids.load(contribution)
-    from cairn.methods.merge_models import read_lora
-
+    if (contribution / statistics.FILE).is_file():
+        return statistics.load(contribution)
     folder = work.folder("centroids", contribution.name, "read by the base")
 
     def compute():
-        if not (folder / centroids.FILE).is_file():
-            stats = centroids.input_statistics(model, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
+        if not (folder / statistics.FILE).is_file():
+            stats = statistics.input_statistics(model, work.tokenizer, [ex.prompt for ex in task.train], sorted(read_lora(contribution)))
             folder.mkdir(parents=True, exist_ok=True)
-            centroids.save(stats, folder, len(task.train))
+            statistics.save(stats, folder, len(task.train))
 
     main_writes(compute)
-    return centroids.load(folder)
+    return statistics.load(folder)
 
 
-def _fits(opts: MoeOptions, cfg) -> None:
-    """Full fine-tunes are mixed into a Mixtral model, which has fewer routers and options."""
-    if cfg.method == "fft":
-        opts.check_for_mixtral()
-
-
-@register("moe", MoeOptions, needs_history=lambda opts: opts.router == "trained", fits=_fits)
-def moe(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
+def run(model, stream, opts: MoeOptions, cfg: TrainConfig, work: Workspace) -> Iterator:
     if cfg.method == "fft":
         yield from _mixtral(model, stream, opts, cfg, work)
         return
@@ -59,22 +57,18 @@ def moe(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
         yield mixed
 
 
-def _mixtral(model, stream, opts: MoeOptions, cfg, work) -> Iterator:
-    from transformers import AutoModelForCausalLM
-
-    from cairn.methods.mixtral import export_mixtral
-    from cairn.models import resolve_folder
-
+def _mixtral(model, stream, opts: MoeOptions, cfg: TrainConfig, work: Workspace) -> Iterator:
     opts.check_for_mixtral()
     base_dir = resolve_folder(work.base)
+    made_from = {"base": work.base, "base_fingerprint": fingerprint(model)}
     experts = []
     for task in stream:
         experts.append(work.contribution(model, task, cfg))
-        if opts.router == "centroid" and not (experts[-1] / centroids.FILE).is_file():
+        if opts.router == "centroid" and not (experts[-1] / statistics.FILE).is_file():
             raise ConfigError(f"{experts[-1]} has no routing statistics; retrain it with this version of Cairn")
         out = work.folder("mixtral", [e.name for e in experts], opts.model_dump())
         main_writes(
             lambda: read_manifest(out) is not None
-            or export_mixtral(base_dir, experts, out, router=opts.router, top_k=min(opts.top_k, len(experts)), seed=opts.seed, progress=work.progress)
+            or export_mixtral(base_dir, experts, out, router=opts.router, top_k=min(opts.top_k, len(experts)), seed=opts.seed, progress=work.progress, made_from=made_from)
         )
         yield AutoModelForCausalLM.from_pretrained(out).eval()

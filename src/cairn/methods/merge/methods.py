@@ -20,13 +20,11 @@ vector's L1 norm, where Cairn rescales by 1/`density` as in the DARE paper (equa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
-from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
-from cairn.validation import Strict, given
+from cairn.options import MERGE_METHODS, MergeOptions
 
 _SAMPLE = 1 << 12
 _EXACT = 1 << 16  # smaller tensors select over all their entries
@@ -53,7 +51,7 @@ def magnitude_threshold(base, theta, density: float) -> tuple[float, int]:
     pass counts the entries above the bracket and gathers those inside, and a bucket selection
     finds t in that band; if the sample missed, the band is everything on t's side of it.
     """
-    from cairn.methods import merge_kernels as K
+    from cairn.methods.merge import kernels as K
 
     work = _work(base)
     b, th = _flat(base, work), _flat(theta, work)
@@ -73,18 +71,11 @@ def magnitude_threshold(base, theta, density: float) -> tuple[float, int]:
     return float(t), int(cut)
 
 
-def magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray:
-    """Boolean mask of the entries of `delta` (a task vector) that TIES keeps at this density."""
-    t, cut = magnitude_threshold(np.zeros_like(delta), delta, density)
-    mags = np.abs(delta.reshape(-1))
-    return ((mags > t) | ((mags == t) & (np.arange(mags.size) <= cut))).reshape(delta.shape)
-
-
 def _combine(base, tensors, weights, *, mode=0, density=1.0, seed=0, elect: bool, normalize: bool, lambda_: float):
-    """The generalized task-arithmetic merge (see merge_kernels.combine): sparsify each τᵢ
+    """The generalized task-arithmetic merge (see kernels.combine): sparsify each τᵢ
     (mode 1 TIES magnitude, mode 2 DARE drop), weight, optionally elect signs, sum, optionally
     divide by the weight that contributed, scale by λ, add to the base."""
-    from cairn.methods import merge_kernels as K
+    from cairn.methods.merge import kernels as K
 
     work = _work(base)
     b = _flat(base, work)
@@ -121,51 +112,17 @@ def dare_ties(base, tensors, weights, *, density=1.0, lambda_=1.0, normalize=Fal
     return _combine(base, tensors, weights, mode=2 if density < 1 else 0, density=density, seed=seed, elect=True, normalize=normalize, lambda_=lambda_)
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    fn: Callable[..., np.ndarray]
-    uses: frozenset[str]  # which of density / lambda / seed the method reads (every method reads normalize)
-    normalize: bool  # mergekit's default
-
-
-METHODS: dict[str, MergeMethod] = {
-    "average": MergeMethod(average, frozenset(), True),
-    "task_arithmetic": MergeMethod(task_arithmetic, frozenset({"lambda"}), False),
-    "ties": MergeMethod(ties, frozenset({"density", "lambda"}), True),
-    "dare_linear": MergeMethod(dare_linear, frozenset({"density", "lambda", "seed"}), False),
-    "dare_ties": MergeMethod(dare_ties, frozenset({"density", "lambda", "seed"}), False),
+# Each merge method's math; its parameters (which it reads, its `normalize` default) are its row of
+# `cairn.options.MERGE_METHODS`, so that options validate without this module.
+METHODS: dict[str, Callable[..., np.ndarray]] = {
+    "average": average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
 }
-
-
-class MergeOptions(Strict):
-    """A merge's method and parameters (`lambda` in YAML and on the command line)."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    method: Literal[tuple(METHODS)] = "ties"  # type: ignore[valid-type]
-    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*)")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
-    normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
-    seed: int = Field(0, description="seed of DARE's random drop")
-
-    @model_validator(mode="after")
-    def _applies(self, info: ValidationInfo):
-        """A parameter the method does not read is an error, not silently unused (set ones only:
-        the defaults are every method's)."""
-        uses = METHODS[self.method].uses
-        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed") and k not in uses]
-        if unused:
-            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {self.method}; it reads: {', '.join(sorted({*uses, 'normalize'}))}")
-        return self
-
-    def kwargs(self) -> dict:
-        spec = METHODS[self.method]
-        return {"density": self.density, "lambda_": self.lambda_, "normalize": spec.normalize if self.normalize is None else self.normalize}
-
-    def keeps_the_base(self) -> bool:
-        """True when inputs that all equal the base merge to the base: every task vector is 0, or
-        (average) the weighted mean of equal tensors is that tensor."""
-        return self.method != "average" or self.kwargs()["normalize"]
+if METHODS.keys() != MERGE_METHODS.keys():
+    raise ImportError(f"cairn.methods.merge.methods.METHODS {sorted(METHODS)} and cairn.options.MERGE_METHODS {sorted(MERGE_METHODS)} must name the same methods")
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -180,4 +137,4 @@ def merge_tensor(opts: MergeOptions, name: str, base: np.ndarray, tensors: list[
     (buffers) are taken from the base."""
     if base.dtype.kind != "f":
         return base.copy()
-    return METHODS[opts.method].fn(base, tensors, weights, seed=_seed_for(opts.seed, name), **opts.kwargs())
+    return METHODS[opts.method](base, tensors, weights, seed=_seed_for(opts.seed, name), **opts.kwargs())

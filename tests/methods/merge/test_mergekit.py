@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from cairn.errors import ConfigError
-from cairn.methods.mergekit_config import plan_from_mergekit, read_mergekit_config
+from cairn.methods.merge.mergekit import plan_from_mergekit, read_mergekit_config
 
 TIES = {
     "merge_method": "ties",

@@ -12,25 +12,25 @@ from __future__ import annotations
 import shutil
 from typing import Iterator
 
+from transformers import AutoModelForCausalLM
+
 from cairn.distributed import barrier, is_main, main_writes
-from cairn.methods.merge_models import merge_models
-from cairn.methods.merging import MergeOptions
-from cairn.models import resolve_folder
-from cairn.store import read_manifest
-from cairn.strategies import register
+from cairn.manifest import read_manifest
+from cairn.methods.merge.streaming import merge_models
+from cairn.models import fingerprint, resolve_folder
+from cairn.options import MergeOptions, TrainConfig
+from cairn.workspace import Workspace
 
 
-@register("merge", MergeOptions)
-def merge(model, stream, opts: MergeOptions, cfg, work) -> Iterator:
-    from transformers import AutoModelForCausalLM
-
+def run(model, stream, opts: MergeOptions, cfg: TrainConfig, work: Workspace) -> Iterator:
     base_dir = resolve_folder(work.base)
+    made_from = {"base": work.base, "base_fingerprint": fingerprint(model)}
     contributions = []
     for task in stream:
         contributions.append(work.contribution(model, task, cfg))
         out = work.folder("merges", [c.name for c in contributions], opts.model_dump())
         # The check is the main process's too: another one could see the merge half-written.
-        main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, opts, progress=work.progress))
+        main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, opts, progress=work.progress, made_from=made_from))
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         barrier()  # every process has loaded it before it goes
         if is_main():

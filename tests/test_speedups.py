@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cairn.fused_lora import fused_lora, lora_linear
+from cairn.speedups import fused_lora, lora_linear
 
 
 class Two(nn.Module):

@@ -7,9 +7,12 @@ import torch
 
 from cairn.cli import main
 from cairn.config import parse_config
-from cairn.methods import centroids
-from cairn.methods.moe import MoeOptions, arrow_prototype, attach_experts, routers, save_moe, train_router
-from cairn.methods.routing import topk_weights
+from cairn.methods.moe import statistics as centroids
+from cairn.options import MoeOptions
+from cairn.methods.moe.routing import arrow_prototype, routers
+from cairn.methods.moe.lora_moe import attach_experts, save_moe
+from cairn.methods.moe.router_training import train_router
+from cairn.methods.moe.routing import topk_weights
 from conftest import code_tasks, stored_contribution
 
 X = torch.tensor([[1, 5, 9, 13, 17, 21]])
@@ -203,9 +206,10 @@ def test_moe_strategy_reuses_the_merge_contributions_and_ships_their_statistics(
 
 def test_a_contribution_without_statistics_gets_them_from_its_task_once(tmp_path, tiny):
     from cairn.data import Example, Task
-    from cairn.experiment import Workspace
-    from cairn.methods.moe_strategy import routing_statistics
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.workspace import Workspace
+    from cairn.strategies.moe import routing_statistics
+    from cairn.options import TrainConfig
+    from cairn.training import train_contribution
 
     task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
     train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)

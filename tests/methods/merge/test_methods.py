@@ -12,9 +12,17 @@ from numpy.testing import assert_allclose
 
 from cairn.cli import main
 from conftest import stored_contribution
-from cairn.methods.merge_models import merge_models
-from cairn.methods.merging import MergeOptions, magnitude_mask, magnitude_threshold, merge_tensor
-from cairn.tensor_files import STORAGE, bf16_to_float32, to_storage
+from cairn.methods.merge.streaming import merge_models
+from cairn.options import MergeOptions
+from cairn.methods.merge.methods import magnitude_threshold, merge_tensor
+from cairn.weights.tensor_files import STORAGE, bf16_to_float32, to_storage
+
+
+def magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray:
+    """Test oracle: the boolean mask of the entries of `delta` (a task vector) that TIES keeps at this density."""
+    t, cut = magnitude_threshold(np.zeros_like(delta), delta, density)
+    mags = np.abs(delta.reshape(-1))
+    return ((mags > t) | ((mags == t) & (np.arange(mags.size) <= cut))).reshape(delta.shape)
 
 
 def inputs(n=3, shape=(6, 5), seed=0):
@@ -109,11 +117,11 @@ def test_a_merge_strategy_with_a_parameter_its_method_does_not_read_is_refused_w
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
 def test_every_method_takes_the_parameters_it_reads_its_defaults_and_its_saved_options(method):
-    from cairn.methods.merging import METHODS
+    from cairn.options import MERGE_METHODS
     from cairn.validation import SAVED
 
     reads = {"density": 0.5, "lambda": 0.8, "seed": 4}
-    opts = MergeOptions(method=method, normalize=False, **{k: v for k, v in reads.items() if k in METHODS[method].uses})
+    opts = MergeOptions(method=method, normalize=False, **{k: v for k, v in reads.items() if k in MERGE_METHODS[method].reads})
     assert MergeOptions(**opts.model_dump()) == opts == MergeOptions(**opts.model_dump(by_alias=True))  # a dump reads back
     assert MergeOptions.model_validate({"method": method, **reads}, context=SAVED).density == 0.5  # as saved, unchecked
     assert MergeOptions(method=method).kwargs()["density"] == 1.0  # the defaults are every method's
@@ -139,7 +147,7 @@ def test_merge_kernels_run_on_sleeping_threads(tmp_path):
     sleep, also in a fresh process where they compile."""
     script = (
         "import numpy as np, numba\n"
-        "from cairn.methods.merging import magnitude_threshold\n"
+        "from cairn.methods.merge.methods import magnitude_threshold\n"
         "theta = np.random.default_rng(0).standard_normal(300_000, np.float32)\n"
         "magnitude_threshold(np.zeros_like(theta), theta, 0.5)\n"
         "print(numba.threading_layer())\n"
@@ -296,7 +304,7 @@ def test_cli_merge_takes_a_mergekit_config(folders, tmp_path, capsys):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from cairn.tensor_files import FolderWeights, stored
+    from cairn.weights.tensor_files import FolderWeights, stored
 
     base_dir, _, fulls = folders
     config = {

@@ -1,0 +1,239 @@
+"""Every config and option type, in pydantic only: importing this module loads no torch.
+
+`TrainConfig` (one training run), each strategy kind's options (`STRATEGY_OPTIONS`: what a kind
+reads, which training methods it runs with, whether it reads earlier tasks' data) and each merge
+method's parameters (`MERGE_METHODS`). The strategies and the merge math live above, in
+`cairn.strategies` and `cairn.methods`; their tables name the same kinds and methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field, ValidationInfo, model_validator
+
+from cairn.errors import ConfigError
+from cairn.validation import Strict, given
+
+DEFAULT_BASE = "bundled:smollm2-135m"
+TRAIN_METHODS = ("lora", "fft")  # TrainConfig.method's values
+
+DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
+
+
+class TrainConfig(Strict):
+    """Hyper-parameters of one training run; unknown keys are errors."""
+
+    method: Literal[TRAIN_METHODS] = "lora"  # type: ignore[valid-type]
+    epochs: int = Field(8, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 for LoRA, 2e-5 for FFT")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="default: 2 * lora_r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    max_length: int = Field(1024, ge=8)
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
+    bf16: bool | Literal["auto"] = "auto"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+class StrategyOptions(Strict):
+    """A strategy kind's options, and what the kind declares it can run: an experiment config is
+    checked against them when it is read, before any model is loaded."""
+
+    methods: ClassVar[tuple[str, ...]] = TRAIN_METHODS  # the training methods (TrainConfig.method) it trains with
+
+    def reads_history(self) -> bool:
+        """True when the kind trains on earlier tasks' data (fully-collaborative only): it then
+        gets `(task, earlier_tasks)` pairs."""
+        return False
+
+    def fits(self, cfg: TrainConfig) -> None:
+        """Raise ConfigError where these options do not go with the training config `cfg`."""
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Raise ValueError (its message follows "strategy NAME (kind KIND) ") where this kind
+        cannot run these options with the training config `cfg`."""
+        if cfg.method not in self.methods:
+            raise ValueError(f"trains with method {' or '.join(self.methods)} only, got train method {cfg.method!r}; set train: {{method: {self.methods[0]}}}")
+        try:
+            self.fits(cfg)
+        except ConfigError as exc:
+            raise ValueError(f"with train method {cfg.method}: {exc}") from None
+
+class SequentialOptions(StrategyOptions):
+    continue_adapter: bool = False
+
+
+class ReplayOptions(StrategyOptions):
+    rate: float = Field(0.1, ge=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task (0: sequential training, the control)")
+
+    def reads_history(self) -> bool:
+        return True
+
+
+class JointOptions(StrategyOptions):
+    mix: Literal["balanced", "natural"] = "balanced"
+
+    def reads_history(self) -> bool:
+        return True
+
+
+class OLoRAOptions(StrategyOptions):
+    methods: ClassVar[tuple[str, ...]] = ("lora",)
+
+    lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term sum|A_new A_prevᵀ|")
+    lambda2: float = Field(0.0, ge=0, description="weight of the L2 norm of the new adapter's parameters")
+
+
+@dataclass(frozen=True)
+class MergeParameters:
+    reads: frozenset[str]  # which of density / lambda / seed the method reads (every method reads normalize)
+    normalize: bool  # mergekit's default
+
+
+# Each merge method's parameters; its math is the function of the same name in methods/merge/methods.py.
+MERGE_METHODS: dict[str, MergeParameters] = {
+    "average": MergeParameters(frozenset(), True),
+    "task_arithmetic": MergeParameters(frozenset({"lambda"}), False),
+    "ties": MergeParameters(frozenset({"density", "lambda"}), True),
+    "dare_linear": MergeParameters(frozenset({"density", "lambda", "seed"}), False),
+    "dare_ties": MergeParameters(frozenset({"density", "lambda", "seed"}), False),
+}
+
+
+class MergeOptions(StrategyOptions):
+    """A merge's method and parameters (`lambda` in YAML and on the command line)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    method: Literal[tuple(MERGE_METHODS)] = "ties"  # type: ignore[valid-type]
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*)")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
+    seed: int = Field(0, description="seed of DARE's random drop")
+
+    @model_validator(mode="after")
+    def _applies(self, info: ValidationInfo):
+        """A parameter the method does not read is an error, not silently unused (set ones only:
+        the defaults are every method's)."""
+        uses = MERGE_METHODS[self.method].reads
+        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed") and k not in uses]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {self.method}; it reads: {', '.join(sorted({*uses, 'normalize'}))}")
+        return self
+
+    def kwargs(self) -> dict:
+        spec = MERGE_METHODS[self.method]
+        return {"density": self.density, "lambda_": self.lambda_, "normalize": spec.normalize if self.normalize is None else self.normalize}
+
+    def keeps_the_base(self) -> bool:
+        """True when inputs that all equal the base merge to the base: every task vector is 0, or
+        (average) the weighted mean of equal tensors is that tensor."""
+        return self.method != "average" or self.kwargs()["normalize"]
+
+
+ROUTERS = ("uniform", "arrow", "centroid", "trained", "random")  # the LoRA-MoE routers
+MIXTRAL_ROUTERS = ("uniform", "centroid", "random")  # a Mixtral model's (full fine-tunes mixed)
+
+# Default softmax temperatures, per mixture and router, in each router's units. Centroid distances (≈ 1 on an expert's own
+# prompts) want nearly hard routing: on the quickstart's 4 packs the countries pack scored 0.48 at
+# T = 0.1, 0.70 at 0.02 and 0.78 at 0.005 (its own adapter: 0.84), the other packs as their own
+# adapters from 0.02 down. Arrow's |cos| failed to separate the packs at 0.1 and 0.02 alike.
+TEMPERATURE = {"lora-moe": {"centroid": 0.005, "arrow": 0.1}, "mixtral": {"centroid": 1.0}}
+
+
+class MoeOptions(StrategyOptions):
+    """How contributions are mixed; the `moe` strategy's and `cairn mix`'s options."""
+
+    router: Literal[ROUTERS] = "centroid"  # type: ignore[valid-type]
+    top_k: int = Field(2, ge=1, description="experts mixed per prompt (or token)")
+    temperature: float | None = Field(None, gt=0, description="softmax temperature of the router scores; default per router (TEMPERATURE)")
+    threshold: float = Field(2.0, gt=0, description="centroid: the distance at which the base model ties an expert")
+    granularity: Literal["sequence", "token"] = "sequence"
+    router_examples: int = Field(32, ge=1, description="trained: examples drawn from each task")
+    router_epochs: int = Field(4, ge=1)
+    router_lr: float = Field(1e-2, gt=0)
+    balance: float = Field(0.01, ge=0, description="trained: weight of the load-balancing loss")
+    seed: int = Field(0, description="trained and random: seed of the router's initial weights (trained: and of its examples)")
+
+    # The routers that read each option; every other router ignores it, so setting it for one of
+    # them is an error rather than a setting silently unused.
+    READ_BY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "top_k": ("arrow", "centroid", "trained", "random"),  # uniform mixes every expert
+        "temperature": ("arrow", "centroid"),  # trained and random routers' logits are used as they are
+        "threshold": ("centroid",),
+        "granularity": ("arrow", "centroid", "trained", "random"),  # uniform weights do not depend on the input
+        "router_examples": ("trained",),
+        "router_epochs": ("trained",),
+        "router_lr": ("trained",),
+        "balance": ("trained",),
+        "seed": ("trained", "random"),
+    }
+
+    @model_validator(mode="after")
+    def _applies(self, info: ValidationInfo):
+        """An option this router does not read is an error (set ones only: defaults never trip it)."""
+        problems, by_readers = [], {}
+        for k in given(self, info):
+            if k == "top_k" and self.router == "uniform":
+                problems.append("top_k does not apply to router uniform, which mixes every expert at weight 1/E; drop top_k or choose another router")
+            elif self.router not in self.READ_BY.get(k, (self.router,)):
+                by_readers.setdefault(self.READ_BY[k], []).append(k)
+        for readers, keys in by_readers.items():
+            names = ", ".join(readers[:-1]) + " and " + readers[-1] if len(readers) > 1 else readers[0]
+            many = len(keys) > 1
+            problems.append(f"{', '.join(keys)} {'do' if many else 'does'} not apply to router {self.router}: only the {names} "
+                            f"router{'s read' if len(readers) > 1 else ' reads'} {'them' if many else 'it'}")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def check_for_mixtral(self) -> MoeOptions:
+        """These options, checked for mixing full fine-tunes into a Mixtral model (`cairn mix` with
+        full models; the `moe` strategy with `train: {method: fft}`): a Mixtral router is uniform,
+        centroid or random, and reads neither `temperature`, `threshold` nor `granularity` (it
+        routes each token), so any of them set is a ConfigError. Returns self."""
+        if self.router not in MIXTRAL_ROUTERS:
+            raise ConfigError(f"full fine-tunes are mixed into a Mixtral model, whose router is uniform, centroid or random; got router {self.router!r}")
+        unread = [k for k in given(self) if k in ("temperature", "threshold", "granularity")]
+        if unread:
+            raise ConfigError(
+                f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to a Mixtral model (full fine-tunes mixed; its "
+                f"{self.router} router routes every token by its own gate); drop {'it' if len(unread) == 1 else 'them'}, or mix LoRA adapters"
+            )
+        return self
+
+    def reads_history(self) -> bool:
+        return self.router == "trained"  # trained on a labelled mixture of the tasks
+
+    def fits(self, cfg: TrainConfig) -> None:
+        """Full fine-tunes are mixed into a Mixtral model, which has fewer routers and options."""
+        if cfg.method == "fft":
+            self.check_for_mixtral()
+
+    def router_temperature(self, mixture: Literal["lora-moe", "mixtral"] = "lora-moe") -> float:
+        """The softmax temperature of this router's scores: as set, else the router's default."""
+        return self.temperature or TEMPERATURE[mixture].get(self.router, 1.0)
+
+
+
+# Every strategy kind and its options; `cairn.strategies.STRATEGIES` holds their functions.
+STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
+    "sequential": SequentialOptions,
+    "replay": ReplayOptions,
+    "joint": JointOptions,
+    "olora": OLoRAOptions,
+    "merge": MergeOptions,
+    "moe": MoeOptions,
+}
