@@ -9,8 +9,8 @@ Three surfaces, 1000 generated inputs each (mostly malformed):
 - CLI arguments: `cairn.cli.main(argv)` on generated argument lists. It returns one of the
   documented exit codes (0, 2, 3, 4, 5) and, when non-zero, stderr's last line starts with `cairn`
   or `usage:`. Training, evaluation, generation, merging and experiments are replaced by stubs
-  that run after the CLI's own validation (and assert what it must have checked); nothing loads
-  a model.
+  that run after the checks of the `cairn.api` function each command calls (and assert what it
+  must have checked); nothing loads a model.
 
 Any other exception is a failure. The three tests take well under 90 s on 2 cores.
 """
@@ -39,7 +39,7 @@ from cairn.config import QUICKSTART, ExperimentConfig, load_config
 from cairn.data import Example, load_task
 from cairn.data.loaders import TRACE_METRICS
 from cairn.errors import CairnError, ConfigError, ModelError
-from cairn.store import file_hashes, write_manifest
+from cairn.manifest import file_hashes, write_manifest
 
 FUZZ = settings(
     max_examples=1000,
@@ -526,7 +526,7 @@ def _sandbox(root: Path) -> None:
 
 
 class _Scores:
-    score, n, split, predictions = 0.5, 1, "test", []
+    task, metric, score, n, split, predictions = "task", "exact", 0.5, 1, "test", []
 
     def to_dict(self):
         return {"score": self.score, "n": self.n}
@@ -540,42 +540,42 @@ def _fake_load_model(spec, *, allow_pickle=False):
 
 
 def _fake_train_contribution(base, task, cfg, out, **_):
-    from cairn.training import TrainConfig
+    from cairn.options import TrainConfig
 
-    assert isinstance(cfg, TrainConfig) and task.train, "the CLI must refuse a task without training examples"
-    assert 0 <= cfg.seed < 2**32, "the CLI must refuse a seed that NumPy (seeded by training) cannot take"
+    assert isinstance(cfg, TrainConfig) and task.train, "the API must refuse a task without training examples"
+    assert 0 <= cfg.seed < 2**32, "the API must refuse a seed that NumPy (seeded by training) cannot take"
     _fake_load_model(base)
     return {"method": cfg.method, "task": task.name, "train": {"steps": 1, "losses": [0.5], "tokens": 1, "wall_s": 0.0, "tokens_per_s": 0.0}}
 
 
 def _fake_evaluate_task(model, tokenizer, task, *, split="test", batch_size=32, progress=False):
-    assert isinstance(batch_size, int) and batch_size >= 1, "the CLI must refuse a batch size below 1"
+    assert isinstance(batch_size, int) and batch_size >= 1, "the API must refuse a batch size below 1"
     assert task.split(split)
     return _Scores()
 
 
 def _fake_generate(model, tokenizer, prompts, *, max_new_tokens=32, **_):
-    assert max_new_tokens >= 1, "the CLI must refuse --max-new-tokens below 1"
+    assert max_new_tokens >= 1, "the API must refuse --max-new-tokens below 1"
     return ["" for _ in prompts]
 
 
 def _fake_merge_models(base, inputs, out, opts, *, weights=None, adapter_rank=None, **_):
     assert inputs and all(Path(p).exists() for p in inputs)
-    assert adapter_rank is None or adapter_rank >= 1, "the CLI must refuse --rank below 1"
+    assert adapter_rank is None or adapter_rank >= 1, "the API must refuse --rank below 1"
     if weights is not None and len(weights) != len(inputs):  # as merge_models checks before any I/O
         raise ModelError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
     return {"wall_s": 0.0, "method": opts.method, "inputs": [str(p) for p in inputs]}
 
 
 def _fake_attach_experts(model, experts, opts, statistics=None):
-    from cairn.methods.moe import MoeOptions
+    from cairn.options import MoeOptions
 
     assert isinstance(opts, MoeOptions) and experts and all(Path(p).exists() for p in experts)
     return model
 
 
 def _fake_train_router(model, tokenizer, tasks, opts, **_):
-    assert tasks and all(t.train for t in tasks), "the CLI must refuse a --tasks source without training examples"
+    assert tasks and all(t.train for t in tasks), "the API must refuse a --tasks source without training examples"
     return [1.0, 0.5]
 
 
@@ -592,16 +592,18 @@ def _fake_run_experiment(cfg, out, log=print, **_):
 
 def _stubs():
     return [
-        mock.patch("cairn.training.train_contribution", _fake_train_contribution),
+        mock.patch("cairn.contributions.train_contribution", _fake_train_contribution),
         mock.patch("cairn.models.load_model", _fake_load_model),
+        mock.patch("cairn.contributions.load_model", _fake_load_model),
+        mock.patch("cairn.contributions.load", _fake_load_model),  # any spec, adapters and mixtures included (eval, generate)
         mock.patch("cairn.models.resolve_folder", lambda spec: str(spec)),
         mock.patch("cairn.evaluation.evaluate_task", _fake_evaluate_task),
         mock.patch("cairn.evaluation.generate", _fake_generate),
-        mock.patch("cairn.methods.merge_models.merge_models", _fake_merge_models),
-        mock.patch("cairn.methods.moe.attach_experts", _fake_attach_experts),
-        mock.patch("cairn.methods.moe.train_router", _fake_train_router),
-        mock.patch("cairn.methods.moe.save_moe", lambda *a, **k: None),
-        mock.patch("cairn.methods.mixtral.export_mixtral", _fake_export_mixtral),
+        mock.patch("cairn.methods.merge.streaming.merge_models", _fake_merge_models),
+        mock.patch("cairn.methods.moe.lora_moe.attach_experts", _fake_attach_experts),
+        mock.patch("cairn.methods.moe.router_training.train_router", _fake_train_router),
+        mock.patch("cairn.methods.moe.lora_moe.save_moe", lambda *a, **k: None),
+        mock.patch("cairn.methods.moe.mixtral.export_mixtral", _fake_export_mixtral),
         mock.patch("cairn.experiment.run_experiment", _fake_run_experiment),
         mock.patch("cairn.report.write_report", lambda results, out: None),
         mock.patch("cairn.cli._print_summary", lambda results: None),

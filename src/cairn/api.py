@@ -1,4 +1,5 @@
-"""The Python API: one function per command, each a thin composition of the library.
+"""The Python API: one function per command, each a thin composition of the library that makes
+the command's checks, so that Python callers get the refusals the command line gives.
 
     import cairn
     results = cairn.run("configs/quickstart.yaml", out="runs/qs")          # = cairn run
@@ -8,19 +9,30 @@
     cairn.merge(["runs/people", "runs/countries"], "runs/m", base="bundled:smollm2-135m", method="ties", density=0.5)
     cairn.mix(["runs/people", "runs/countries"], "runs/x", base="bundled:smollm2-135m", router="centroid")
 
-Tasks are sources (`pack:NAME`, files, folders, `lm-eval:...`) or `Task` objects; models are
-specs (`bundled:smollm2-135m`, `tiny-random`, folders).
+and `generate`, `report`, `store_add` / `store_list` / `store_show` / `store_verify`, `packs` and
+`inspect` for the other commands. Tasks are sources (`pack:NAME`, files, folders, `lm-eval:...`)
+or `Task` objects; models are specs (`bundled:smollm2-135m`, `tiny-random`, folders). Messages
+name the command line's flags (`--rank`), which are the keywords' names unless said otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 from cairn.distributed import barrier
-from cairn.errors import ConfigError, DataError
-from cairn.models import DEFAULT_BASE
+from cairn.errors import CairnError, ConfigError, DataError
+from cairn.options import DEFAULT_BASE
+
+
+def _at_least(minimum: int, **values) -> None:
+    """Refuse a number below `minimum`, given as `flag_name=value` (`batch_size` for --batch-size)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            flag = f"-{name}" if len(name) == 1 else f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
 
 
 def _task(task, tokenizer=None, chat_template: bool = False, metric: str | None = None):
@@ -31,11 +43,22 @@ def _task(task, tokenizer=None, chat_template: bool = False, metric: str | None 
     return as_chat(task, tokenizer) if chat_template else task
 
 
-def run(config=None, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+def _model(model, allow_pickle: bool = False):
+    """(model, tokenizer) of `model`: a spec (any kind, adapters and mixtures included), or a loaded pair."""
+    from cairn.contributions import load
+
+    return model if isinstance(model, tuple) else load(str(model), allow_pickle=allow_pickle)
+
+
+# --- experiments -------------------------------------------------------------------------------------
+
+
+def run(config=None, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Run an experiment (a YAML path, a dict, an `ExperimentConfig`, or None for the
     quickstart), write its report into `out` (default: the config's) and return the results.
     A folder holding another config's run (or no run) is refused unless `overwrite`; the same
-    config resumes. One run at a time writes a folder (a lock)."""
+    config resumes, and `resume` insists on it (refused where `out` holds no interrupted run).
+    One run at a time writes a folder (a lock)."""
     from cairn.config import quickstart
     from cairn.distributed import is_main
     from cairn.experiment import run_experiment
@@ -45,6 +68,10 @@ def run(config=None, out: str | Path | None = None, *, overwrite: bool = False, 
 
     cfg = quickstart() if config is None else _config(config)
     out = Path(out or cfg.out_dir())
+    if resume and not (out / "cache").is_dir():
+        raise CairnError(f"--resume: {out} holds no interrupted run (no cache/); drop --resume to start one")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
     main = is_main()
     with exclusive(out, "cairn run") if main else contextlib.nullcontext():
         if main:
@@ -53,6 +80,7 @@ def run(config=None, out: str | Path | None = None, *, overwrite: bool = False, 
         results = run_experiment(cfg, out, progress=progress, log=log)
         if results is not None:  # None in the other processes under `accelerate launch`
             write_report(results, out)
+            log(f"report: {out / 'report.html'}")
     return results
 
 
@@ -68,15 +96,19 @@ def sweep(config, out: str | Path | None = None, *, grid: dict | None = None, se
           progress: bool = True, log=print) -> dict:
     """Run a sweep (= cairn sweep): the config's `sweep:` section, with `grid` ({"strategies.NAME.KEY":
     [values]}), `seeds` and `orders` overriding it; returns the aggregated sweep dict."""
+    from cairn.config import sweep_spec
     from cairn.distributed import is_main
     from cairn.io import exclusive
-    from cairn.sweep import run_sweep, sweep_spec
+    from cairn.sweep import run_sweep
 
     cfg = _config(config)
     spec = _checked("sweep options", lambda: sweep_spec(cfg, grid=grid, seeds=seeds, orders=orders))
-    out = Path(out or cfg.out_dir())
+    out = Path(out or cfg.out_dir())  # run_sweep checks every grid point and order before anything trains
     with exclusive(out, "cairn sweep") if is_main() else contextlib.nullcontext():
-        return run_sweep(cfg, spec, out, progress=progress, log=log)
+        summary = run_sweep(cfg, spec, out, progress=progress, log=log)
+    if summary is not None:  # None in the other processes under `accelerate launch`
+        log(f"sweep: {out / 'sweep.md'}")
+    return summary
 
 
 def _checked(where: str, build):
@@ -91,6 +123,18 @@ def _checked(where: str, build):
         raise config_error(exc, where) from None
 
 
+def report(folder: str | Path) -> dict:
+    """Re-render the report of the run folder `folder` from its results.json (= cairn report); returns the results."""
+    from cairn.report import load_results, write_report
+
+    results = load_results(Path(folder))
+    write_report(results, Path(folder))
+    return results
+
+
+# --- one contribution --------------------------------------------------------------------------------
+
+
 def _fingerprint_of(base: str):
     """A function giving `base`'s fingerprint, loading the model the first time it is called
     (only inputs that record a fingerprint need it), then remembering it for this call."""
@@ -101,20 +145,24 @@ def _fingerprint_of(base: str):
 
 def _checked_output(out, command: str, overwrite: bool) -> Path:
     from cairn.io import check_output
-    from cairn.store import made_by
+    from cairn.manifest import made_by
 
     check_output(out, earlier=made_by(Path(out)) == command, overwrite=overwrite, what=f"`cairn {command}` output")
     return Path(out)
 
 
 def train(task, out: str | Path, *, base: str = DEFAULT_BASE, metric: str | None = None, chat_template: bool = False, overwrite: bool = False,
-          progress: bool = True, **options) -> dict:
+          test: bool = False, progress: bool = True, **options) -> dict:
     """Train a contribution (LoRA by default; `method="fft"` for full fine-tuning; any
     `TrainConfig` field as a keyword) on `task` (with `metric` overriding a source's) from `base`;
     save it at `out` and return its manifest. `out` may be new, empty, or an earlier `train`
-    output; anything else needs `overwrite`."""
+    output; anything else needs `overwrite`. With `test` (cairn train without --no-eval), the
+    main process then scores it on the task's test split, if any: the `EvalResult` is the
+    returned manifest's "test" (not written to the file)."""
+    from cairn.contributions import train_contribution
+    from cairn.distributed import is_main
     from cairn.models import load_model
-    from cairn.training import TrainConfig, train_contribution
+    from cairn.options import TrainConfig
 
     cfg = TrainConfig.parse("invalid training option", **options)
     out = _checked_output(out, "train", overwrite)
@@ -125,17 +173,49 @@ def train(task, out: str | Path, *, base: str = DEFAULT_BASE, metric: str | None
         raise DataError(f"task {task.name} has no 'train' examples")  # checked before loading the model
     if chat_template:
         task = _task(task, load_model(base)[1], chat_template)
-    return train_contribution(base, task, cfg, out, progress=progress)
+    manifest = train_contribution(base, task, cfg, out, progress=progress)
+    if test and task.test and is_main():  # under `accelerate launch`: the main process evaluates
+        manifest["test"] = evaluate(out, task, progress=progress)
+    return manifest
 
 
-def evaluate(model, task, *, split: str = "test", chat_template: bool = False, batch_size: int = 32, progress: bool = False):
-    """Score `model` (a spec, or a loaded (model, tokenizer) pair) on `task`; returns the
-    `EvalResult` (score and per-example predictions)."""
+def evaluate(model, task, *, split: str = "test", metric: str | None = None, chat_template: bool = False, batch_size: int = 32,
+             allow_pickle: bool = False, json_path: str | Path | None = None, progress: bool = False):
+    """Score `model` (a spec, or a loaded (model, tokenizer) pair) on `task`'s `split` (= cairn eval;
+    an lm-eval probe is scored by lm-eval on its own data, in no chat template); returns the
+    `EvalResult` (score and per-example predictions), also written to `json_path` (--json) when given."""
+    from cairn.data.lm_eval import LmEvalProbe
     from cairn.evaluation import evaluate_task
-    from cairn.models import load_model
+    from cairn.io import atomic_write_json
 
-    model, tokenizer = model if isinstance(model, tuple) else load_model(str(model))
-    return evaluate_task(model, tokenizer, _task(task, tokenizer, chat_template), split=split, batch_size=batch_size, progress=progress)
+    _at_least(1, batch_size=batch_size)
+    if json_path is not None and Path(json_path).is_dir():
+        raise ConfigError(f"--json {json_path} is a folder; give the path of a file to write")
+    task = _task(task, metric=metric)
+    probe = isinstance(task, LmEvalProbe)  # lm-eval holds its own data
+    if not probe and not task.split(split):
+        raise DataError(f"task {task.name} has no {split!r} examples")
+    model, tokenizer = _model(model, allow_pickle)
+    task = _task(task, tokenizer, chat_template and not probe)
+    result = evaluate_task(model, tokenizer, task, split=split, batch_size=batch_size, progress=progress)
+    if json_path is not None:
+        try:
+            atomic_write_json(Path(json_path), result.to_dict())
+        except OSError as exc:
+            raise CairnError(f"--json {json_path}: cannot write ({exc.strerror or exc})") from exc
+    return result
+
+
+def generate(model, prompt: str, *, max_new_tokens: int = 64, allow_pickle: bool = False) -> str:
+    """The greedy completion of `prompt` by `model` (a spec, or a loaded (model, tokenizer) pair; = cairn generate)."""
+    from cairn.evaluation import generate as complete
+
+    _at_least(1, max_new_tokens=max_new_tokens)
+    model, tokenizer = _model(model, allow_pickle)
+    return complete(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
+
+
+# --- combining contributions -------------------------------------------------------------------------
 
 
 def _base_folder(base: str, what: str = "base") -> str:
@@ -149,58 +229,67 @@ def _base_folder(base: str, what: str = "base") -> str:
 
 def _inputs(inputs: list, base: str, base_folder: str, store, fingerprint) -> list[Path]:
     """The inputs' folders (folders or store IDs), each checked against the base."""
-    from cairn.contributions import check_inputs, default_store, resolve_inputs
+    from cairn.contributions import check_inputs, resolve_inputs
 
-    paths = resolve_inputs(list(inputs), store or default_store(), fingerprint)
+    paths = resolve_inputs(list(inputs), store_folder(store), fingerprint)
     if not paths:
         raise ConfigError("nothing to combine: give at least one input")
     check_inputs(paths, base_folder, fingerprint, base)
     return paths
 
 
-def merge(inputs: list, out: str | Path, *, base: str, method: str = "ties", weights: list[float] | None = None, adapter_rank: int | None = None,
-          store: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> dict:
-    """Merge HF folders and/or PEFT adapters of `base` (folders, or IDs in `store`; see `MergeOptions`:
-    density, lambda, normalize, seed) into `out`; returns the merge's statistics. Each input must
-    have been made on `base` (its recorded fingerprint), or at least fit its shapes."""
-    from cairn.methods.merge_models import merge_models
-    from cairn.methods.merging import MergeOptions
+def merge(inputs: list | None, out: str | Path, *, base: str | None = None, method: str | None = None, config: str | Path | None = None,
+          weights: list[float] | None = None, as_adapter: bool | None = None, adapter_rank: int | None = None, store: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True, **options) -> dict:
+    """Merge HF folders and/or PEFT adapters of `base` (folders, or IDs in `store`) by `method` and its
+    `MergeOptions` (density, lambda, normalize, seed), or as the mergekit YAML `config` says (then
+    with no inputs, base, method, weights or options), into `out`; returns the merge's statistics.
+    `adapter_rank` (--rank) writes a PEFT adapter of that rank instead of a model (`as_adapter`,
+    when given, must say the same). Each input must have been made on the base (its recorded
+    fingerprint), or at least fit its shapes."""
+    from cairn.methods.merge.streaming import merge_models
 
-    opts = MergeOptions.parse("invalid merge option", method=method, **options)
-    if adapter_rank is not None and adapter_rank < 1:
-        raise ConfigError(f"adapter rank must be at least 1, got {adapter_rank}")
+    if as_adapter is not None and as_adapter != (adapter_rank is not None):
+        raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
+    _at_least(1, rank=adapter_rank)
+    plan = _merge_plan(config, {"method": method, "base": base, "inputs": inputs, "weights": weights}, options)
     out = _checked_output(out, "merge", overwrite)
-    folder = _base_folder(base)
-    fingerprint = _fingerprint_of(base)
-    paths = _inputs(inputs, base, folder, store, fingerprint)
-    manifest = {"base": base, "base_fingerprint": fingerprint()}
-    return merge_models(folder, paths, out, opts, weights=weights, adapter_rank=adapter_rank, progress=progress, manifest=manifest)
-
-
-def merge_mergekit(config: str | Path, out: str | Path, *, adapter_rank: int | None = None, store: str | Path | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict:
-    """Merge as a mergekit YAML config says (= cairn merge --config)."""
-    from cairn.methods.merge_models import merge_models
-    from cairn.methods.mergekit_config import read_mergekit_config
-
-    if adapter_rank is not None and adapter_rank < 1:
-        raise ConfigError(f"adapter rank must be at least 1, got {adapter_rank}")
-    out = _checked_output(out, "merge", overwrite)
-    plan = read_mergekit_config(config)
-    folder = _base_folder(plan.base, f"{config}: base_model")
+    from_yaml = {"mergekit_config": str(config)} if config is not None else {}
+    folder = _base_folder(plan.base, f"{config}: base_model" if from_yaml else "base")
     fingerprint = _fingerprint_of(plan.base)
     paths = _inputs(plan.inputs, plan.base, folder, store, fingerprint)
-    manifest = {"base": plan.base, "base_fingerprint": fingerprint(), "mergekit_config": str(config)}
-    return merge_models(folder, paths, out, plan.opts, weights=plan.weights, adapter_rank=adapter_rank, dtype=plan.dtype, progress=progress, manifest=manifest)
+    made_from = {"base": plan.base, "base_fingerprint": fingerprint(), **from_yaml}
+    return merge_models(folder, paths, out, plan.opts, weights=plan.weights, adapter_rank=adapter_rank, dtype=plan.dtype, progress=progress, made_from=made_from)
+
+
+def _merge_plan(config, given: dict, options: dict):
+    """The merge asked for: the mergekit YAML `config`, refused with any of `given` or `options` set;
+    else `given`'s method, base and inputs (each needed) with `options`."""
+    from cairn.methods.merge.mergekit import MergePlan, read_mergekit_config
+    from cairn.options import MergeOptions
+
+    if config is not None:
+        clash = [f"--{k}" for k, v in {**given, **options}.items() if v is not None]
+        if clash:
+            raise ConfigError(f"--config gives the whole merge; drop {', '.join(clash)} (or drop --config)")
+        return read_mergekit_config(config)
+    missing = [f"--{k}" for k in ("method", "base", "inputs") if not given[k]]
+    if missing:
+        raise ConfigError(f"cairn merge needs {', '.join(missing)} (or a mergekit YAML through --config)")
+    opts = MergeOptions.parse("invalid merge option", method=given["method"], **options)
+    return MergePlan(given["base"], list(given["inputs"]), given["weights"], opts, dtype=None)
 
 
 def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", top_k: int | None = None, tasks: list | None = None, shared: str = "base",
         store: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Path:
     """Mix LoRA adapters into a LoRA-MoE folder, or full fine-tunes into a Mixtral folder, at
     `out` (see `MoeOptions`; `tasks`: one labelled task per input, for `router="trained"`)."""
-    from cairn.methods.moe import MoeOptions, attach_experts, save_moe, train_router
+    from cairn.methods.moe.lora_moe import attach_experts, save_moe
+    from cairn.methods.moe.router_training import train_router
     from cairn.models import load_model
+    from cairn.options import MoeOptions
 
+    _at_least(1, top_k=top_k)
     given = {"top_k": top_k} if top_k is not None else {}
     opts = MoeOptions.parse("invalid mix option", router=router, **given, **options)
     if (router == "trained") != bool(tasks):
@@ -214,17 +303,92 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
         raise ConfigError("inputs mix adapters and full models: a mixture is made of LoRA adapters (LoRA-MoE) or of full fine-tunes (Mixtral), not both")
     if tasks and len(tasks) != len(inputs):
         raise ConfigError(f"{len(tasks)} tasks for {len(inputs)} inputs: give one task per input")
-    manifest = {"base_fingerprint": fingerprint()}
+    made_from = {"base": base, "base_fingerprint": fingerprint()}
     if not all(adapters):
-        from cairn.methods.mixtral import export_mixtral
+        from cairn.methods.moe.mixtral import export_mixtral
 
         opts.check_for_mixtral()
-        export_mixtral(folder, inputs, out, router=router, top_k=opts.top_k, shared=shared, seed=opts.seed, progress=progress, manifest={"base": base, **manifest})
+        export_mixtral(folder, inputs, out, router=router, top_k=opts.top_k, shared=shared, seed=opts.seed, progress=progress, made_from=made_from)
         return out
     model, tokenizer = load_model(base)
     model = attach_experts(model, inputs, opts)
+    details = {}
     if tasks:
         losses = train_router(model, tokenizer, [_task(t) for t in tasks], opts, progress=progress)
-        manifest["router_losses"] = [round(x, 4) for x in losses]
-    save_moe(model, inputs, opts, out, base=base, manifest=manifest)
+        details["router_losses"] = [round(x, 4) for x in losses]
+    save_moe(model, inputs, opts, out, made_from=made_from, details=details)
     return out
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+
+def store_folder(store: str | Path | None = None) -> Path:
+    """The contribution store's folder: `store`, else $CAIRN_STORE, else ./cairn-store (= --store's default)."""
+    return Path(store) if store is not None else Path(os.environ.get("CAIRN_STORE") or "cairn-store")
+
+
+def _store(store):
+    from cairn.store import Store
+
+    return Store(store_folder(store))
+
+
+def store_add(path: str | Path, name: str | None = None, *, store: str | Path | None = None) -> dict:
+    """Copy the contribution at `path` into the store as `name` (default: TASK-METHOD-HASH; = cairn store add); returns its index entry."""
+    return _store(store).add(path, name)
+
+
+def store_list(*, store: str | Path | None = None) -> list[dict]:
+    """The index entries of the store's contributions (= cairn store list)."""
+    return _store(store).list()
+
+
+def store_show(cid: str, *, store: str | Path | None = None) -> dict:
+    """The manifest of the stored contribution `cid` (= cairn store show)."""
+    return _store(store).show(cid)
+
+
+def store_verify(cid: str | None = None, *, store: str | Path | None = None, log=print) -> list[str]:
+    """Recompute the file hashes of the stored contribution `cid` (default: every one) and log
+    `ID: ok` or its problems for each (= cairn store verify); then refuse (DataError) any that
+    failed. Returns the IDs verified."""
+    report = _store(store).verify(cid)
+    bad = {i: problems for i, problems in report.items() if problems}
+    for i in report:
+        log(f"{i}: " + ("; ".join(bad[i]) if i in bad else "ok"))
+    if bad:
+        raise DataError(f"{len(bad)} of {len(report)} contribution(s) failed verification")
+    return list(report)
+
+
+# --- task sources ------------------------------------------------------------------------------------
+
+
+def packs() -> list[tuple[str, str]]:
+    """(name, description) of every built-in knowledge pack (= cairn data packs)."""
+    from cairn.data.packs import list_packs
+
+    return list_packs()
+
+
+def inspect(source, *, metric: str | None = None, n: int = 3) -> dict:
+    """What a task source holds (= cairn data inspect): its name, metric and data hash, and per
+    split the number of examples, their mean prompt and answer lengths (characters; None when
+    empty) and the first `n`."""
+    from cairn.data import SPLITS
+    from cairn.data.lm_eval import LmEvalProbe
+
+    _at_least(0, n=n)
+    task = _task(source, metric=metric)
+    if isinstance(task, LmEvalProbe):
+        raise ConfigError(f"{source}: an lm-eval probe's data is lm-eval's own, not here to inspect; score it with cairn eval")
+    return {"task": task.name, "metric": task.metric, "data_hash": task.data_hash(), "splits": {s: _split_summary(task.split(s), n) for s in SPLITS}}
+
+
+def _split_summary(examples: list, n: int) -> dict:
+    def mean_chars(field: str) -> float | None:
+        return sum(len(getattr(x, field)) for x in examples) / len(examples) if examples else None
+
+    first = [{"prompt": x.prompt, "answer": x.answer} for x in examples[:n]]
+    return {"examples": len(examples), "prompt_chars": mean_chars("prompt"), "answer_chars": mean_chars("answer"), "first": first}
