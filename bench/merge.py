@@ -37,7 +37,7 @@ def fine_tunes(work: Path) -> tuple[Path, list[Path]]:
     from cairn.models import resolve_folder
     from cairn.manifest import read_manifest
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     out = []
     for pack in PACKS:

@@ -27,7 +27,7 @@ from cairn.options import DEFAULT_BASE
 from cairn.models import load_model, resolve_folder
 from cairn.manifest import read_manifest
 from cairn.options import TrainConfig
-from cairn.training import train_contribution
+from cairn.contributions import train_contribution
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKS = ["people", "compounds", "companies", "countries"]
@@ -58,7 +58,7 @@ def main() -> None:
         experts.append(folder)
     merged_dir = args.work / "merged-ties"
     if read_manifest(merged_dir) is None:
-        merge_models(resolve_folder(DEFAULT_BASE), experts, merged_dir, MergeOptions(method="ties", density=0.5), progress=False)
+        merge_models(resolve_folder(DEFAULT_BASE), experts, merged_dir, MergeOptions(method="ties", density=0.5), progress=False, made_from={"base": DEFAULT_BASE, "base_fingerprint": "bench"})
     workloads = [*tasks, load_task("probe:general")]
 
     base, tokenizer = load_model(DEFAULT_BASE)

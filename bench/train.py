@@ -38,7 +38,8 @@ from cairn.data.batching import IGNORE, continuation, encode
 from cairn.options import DEFAULT_BASE
 from cairn.models import load_model
 from cairn.options import DEFAULT_LR, TrainConfig
-from cairn.training import bf16_supported, lora_config, train
+from cairn.speedups import bf16_supported
+from cairn.training import lora_config, train
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:

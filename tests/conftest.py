@@ -13,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TRACE = SHARED_DATA / "trace-500"
+# The provenance a merge or mixture records in its manifest, for tests that call the methods directly.
+MADE_FROM = {"base": "tiny-random", "base_fingerprint": "0" * 64}
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +62,7 @@ def stored_contribution(folder: Path) -> tuple[Path, Path]:
     from cairn.models import resolve_folder
     from cairn.store import Store
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
     train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), folder / "c", progress=False)

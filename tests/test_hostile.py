@@ -24,7 +24,7 @@ from conftest import qa
 def _train(out: Path, base: str = "tiny-random", task: str = "t.jsonl") -> None:
     from cairn.data import load_task
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     train_contribution(base, load_task(task), TrainConfig(epochs=1, batch_size=4), out, progress=False)
 

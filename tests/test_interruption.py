@@ -123,7 +123,7 @@ def _complete(folder: Path) -> bool:
 def adapters(tmp_path_factory) -> Path:
     from cairn.data import load_task
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     root = tmp_path_factory.mktemp("kill")
     rows = [{"prompt": f"Question: code {i}?\nAnswer:", "answer": f"c{i}", "split": s} for i in range(16) for s in ("train", "test")]

@@ -69,7 +69,7 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
     from cairn.data import load_task
     from cairn.manifest import read_manifest, write_manifest
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     task = load_task("pack:people")
     task.splits["train"] = task.train[:4]
@@ -118,7 +118,7 @@ def _tiny_with_config(tmp_path, **changes):
     """A copy of tiny-random whose config.json has `changes` (a value None removes the field)."""
     import json
 
-    from test_tensor_files import tiny_copy
+    from corrupt_safetensors import tiny_copy
 
     folder = tiny_copy(tmp_path)
     config = json.loads((folder / "config.json").read_text())
@@ -131,7 +131,7 @@ def _tiny_with_config(tmp_path, **changes):
                                         "entry not an object", "entry without data_offsets", "offsets not integers", "start after end",
                                         "offsets past the end (truncated file)", "size not dtype x shape", "header not UTF-8"])
 def test_a_corrupt_safetensors_file_is_a_one_line_model_error_naming_it_when_loaded(tmp_path, corruption):
-    from test_tensor_files import CORRUPTIONS, corrupt_copy
+    from corrupt_safetensors import CORRUPTIONS, corrupt_copy
 
     folder = corrupt_copy(tmp_path, corruption)
     with pytest.raises(ModelError) as caught:
@@ -140,7 +140,7 @@ def test_a_corrupt_safetensors_file_is_a_one_line_model_error_naming_it_when_loa
 
 
 def test_the_safetensors_library_s_own_errors_are_model_errors_naming_the_folder(tmp_path, monkeypatch):
-    from test_tensor_files import corrupt_copy
+    from corrupt_safetensors import corrupt_copy
 
     folder = corrupt_copy(tmp_path, "header a JSON list")
     monkeypatch.setattr("cairn.models.check_folder", lambda *a, **k: None)  # as if Cairn's own checks had missed it
@@ -264,7 +264,7 @@ def test_a_config_that_does_not_match_its_weights_is_refused_rather_than_filled_
 def test_a_config_that_is_not_a_json_object_is_a_model_error_naming_it(tmp_path):
     folder = _tiny_with_config(tmp_path)
     (folder / "config.json").write_text("[1, 2]")
-    with pytest.raises(ModelError, match="is not a JSON object") as caught:
+    with pytest.raises(ModelError, match=r"expected a JSON object \(the model's config\), got list") as caught:
         load_model(str(folder))
     _one_line_naming(caught, folder / "config.json")
 
@@ -285,7 +285,7 @@ def test_the_folder_checks_read_headers_only_and_cost_milliseconds():
 ])
 def test_cli_eval_of_a_bad_model_exits_5_with_one_error_line(tmp_path, capsys, change, message):
     from cairn.cli import main
-    from test_tensor_files import corrupt_copy
+    from corrupt_safetensors import corrupt_copy
 
     folder = corrupt_copy(tmp_path, change["corruption"]) if "corruption" in change else _tiny_with_config(tmp_path, **change)
     rc = main(["eval", "--model", str(folder), "--task", "pack:people"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from pathlib import Path
 
 from cairn.distributed import barrier
@@ -231,7 +230,7 @@ def _inputs(inputs: list, base: str, base_folder: str, store, fingerprint) -> li
     """The inputs' folders (folders or store IDs), each checked against the base."""
     from cairn.contributions import check_inputs, resolve_inputs
 
-    paths = resolve_inputs(list(inputs), store_folder(store), fingerprint)
+    paths = resolve_inputs(list(inputs), _store(store).root, fingerprint)
     if not paths:
         raise ConfigError("nothing to combine: give at least one input")
     check_inputs(paths, base_folder, fingerprint, base)
@@ -323,15 +322,10 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
 # --- the store ---------------------------------------------------------------------------------------
 
 
-def store_folder(store: str | Path | None = None) -> Path:
-    """The contribution store's folder: `store`, else $CAIRN_STORE, else ./cairn-store (= --store's default)."""
-    return Path(store) if store is not None else Path(os.environ.get("CAIRN_STORE") or "cairn-store")
-
-
 def _store(store):
-    from cairn.store import Store
+    from cairn.store import Store, default_store
 
-    return Store(store_folder(store))
+    return Store(store if store is not None else default_store())
 
 
 def store_add(path: str | Path, name: str | None = None, *, store: str | Path | None = None) -> dict:

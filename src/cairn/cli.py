@@ -19,7 +19,8 @@ from cairn import api
 from cairn.data.task import METRICS, SPLITS
 from cairn.distributed import is_main
 from cairn.errors import CairnError, ConfigError, TrainingDiverged
-from cairn.options import DEFAULT_BASE, MERGE_METHODS, ROUTERS, TEMPERATURE, TRAIN_METHODS, TrainConfig
+from cairn.options import DEFAULT_BASE, MERGE_METHODS, MIXTRAL_SHARED, ROUTERS, TEMPERATURE, TRAIN_METHODS, TrainConfig
+from cairn.store import default_store
 
 # Characters that end a line for str.splitlines: escaped in error messages, which are one line.
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
@@ -59,7 +60,7 @@ def _add_output(p: argparse.ArgumentParser, command: str, help: str) -> None:
 
 
 def _add_store(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--store", type=Path, default=api.store_folder(), help=f"{help} (default: $CAIRN_STORE, else ./cairn-store)")
+    p.add_argument("--store", type=Path, default=default_store(), help=f"{help} (default: $CAIRN_STORE, else ./cairn-store)")
 
 
 def _add_inputs(p: argparse.ArgumentParser, required: bool, help: str) -> None:
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
     p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token")
     p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
-    p.add_argument("--shared", choices=["base", "average"], default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
+    p.add_argument("--shared", choices=MIXTRAL_SHARED, default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
     _add_output(p, "mix", "output folder (loads with cairn eval / cairn generate)")
 
     p = _command(sub, "run", _cmd_run, "run an experiment: strategies x seeds over a task stream, then report")

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from cairn.data import Task, load_task
+from cairn.data.chat import as_chat
 from cairn.data.task import METRICS
 from cairn.errors import ConfigError
 from cairn.io import read_yaml
@@ -155,9 +157,6 @@ class ExperimentConfig(Strict):
             raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
 
     def _load(self, spec: TaskSpec, tokenizer=None):
-        from cairn.data import Task, load_task
-        from cairn.data.chat import as_chat
-
         source = spec.source
         if self.data_dir and ":" not in source and not Path(source).is_absolute():
             source = str(Path(self.data_dir) / source)
@@ -182,8 +181,6 @@ class ExperimentConfig(Strict):
     def load_tasks(self, tokenizer=None) -> tuple[list, object]:
         """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
         tasks that use a chat template get their prompts wrapped in it."""
-        from cairn.data import Task
-
         load = lambda spec: self._load(spec, tokenizer)  # noqa: E731
         tasks = [load(t) for t in self.tasks]
         for spec, task in zip(self.tasks, tasks):

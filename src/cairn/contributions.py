@@ -16,12 +16,13 @@ base of the same architecture fits too, and only a fingerprint tells them apart.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
+
+from peft import PeftModel
 
 from cairn.distributed import barrier, is_main
 from cairn.errors import ConfigError, ModelError
@@ -124,11 +125,6 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_name: str) -> N
             )
 
 
-def default_store() -> Path:
-    """The store that input IDs refer to when none is named: `$CAIRN_STORE`, else ./cairn-store."""
-    return Path(os.environ.get("CAIRN_STORE") or "cairn-store")
-
-
 # --- making one: train, or reuse what identical work saved -------------------------------------
 
 
@@ -136,7 +132,6 @@ def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, ou
     """Write a trained model (PEFT adapter for LoRA, HF folder for FFT), its routing statistics and
     its manifest into a temporary folder that becomes `out` in one rename: a killed save leaves no
     `out` that a later command could take for a whole contribution."""
-
     out = Path(out)
     with atomic_dir(out, needed=saved_bytes(result.model)) as tmp:
         write_model(result.model, tokenizer, tmp)
@@ -163,8 +158,6 @@ def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path)
     model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
     the fine-tuned model for FFT (the Mixtral router sits inside it). Prompts are cut to
     `max_length` tokens, as training cuts them (a 50 MB prompt read whole took 21 GB)."""
-
-
     if cfg.method == "lora":
         inner = model.get_base_model()
         modules = sorted(name for name, m in inner.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
@@ -223,7 +216,8 @@ def train_contribution(
 
 
 def load(spec: str | ModelSpec, *, allow_pickle: bool = False):
-    """Load `(model, tokenizer)` for any spec; a PEFT adapter loads on top of its recorded base.
+    """Load `(model, tokenizer)` for any model spec: a base, or a PEFT adapter or a LoRA-MoE on top
+    of its recorded base (an adapter's recorded fingerprint must be its base's).
 
     A local folder is checked first (`check_folder`), so that corrupt weights or an absurd
     config.json are a one-line ModelError before anything is allocated.
@@ -238,8 +232,6 @@ def load(spec: str | ModelSpec, *, allow_pickle: bool = False):
 
 
 def _load_adapter(path: Path, *, allow_pickle: bool):
-    from peft import PeftModel
-
     pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
     if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
         raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
@@ -259,7 +251,6 @@ def _load_adapter(path: Path, *, allow_pickle: bool):
 
 
 def _load_moe(path: Path):
-
     model, tokenizer = load(moe_base(path))
     base, fp = model.cairn_base, model.cairn_fingerprint
     model = load_moe(path, model).eval()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from cairn.errors import ConfigError
+
 
 def _state():
     from accelerate import PartialState
@@ -22,8 +24,6 @@ def _state():
     if launched > state.num_processes:
         # Seen with an FSDP config on a machine without GPUs: accelerate leaves every process on
         # its own, each would think it is the main one and write the same files.
-        from cairn.errors import ConfigError
-
         raise ConfigError(
             f"started as {launched} processes (WORLD_SIZE) but accelerate joined them as {state.num_processes} "
             f"(distributed_type {state.distributed_type.value}): its FSDP and DeepSpeed modes need GPUs; on CPUs use "

@@ -145,6 +145,7 @@ class MergeOptions(StrategyOptions):
 
 ROUTERS = ("uniform", "arrow", "centroid", "trained", "random")  # the LoRA-MoE routers
 MIXTRAL_ROUTERS = ("uniform", "centroid", "random")  # a Mixtral model's (full fine-tunes mixed)
+MIXTRAL_SHARED = ("base", "average")  # where a Mixtral model's attention, norms and embeddings come from
 
 # Default softmax temperatures, per mixture and router, in each router's units. Centroid distances (≈ 1 on an expert's own
 # prompts) want nearly hard routing: on the quickstart's 4 packs the countries pack scored 0.48 at

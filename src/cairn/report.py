@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from cairn.errors import DataError
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
 from cairn.io import atomic_write_json, atomic_write_text, read_json_object
 
@@ -239,8 +240,6 @@ def write_report(results: dict, out: Path) -> None:
 
 
 def load_results(out: Path) -> dict:
-    from cairn.errors import DataError
-
     path = Path(out) / "results.json"
     if not path.is_file():
         raise DataError(f"{path}: no such file; run `cairn run` first")

@@ -251,3 +251,8 @@ class Store:
                 f"not on this base ({base_fingerprint[:12]})"
             )
         return self.path(cid)
+
+
+def default_store() -> Path:
+    """The store that input IDs refer to when none is named: `$CAIRN_STORE`, else ./cairn-store."""
+    return Path(os.environ.get("CAIRN_STORE") or "cairn-store")

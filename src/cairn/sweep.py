@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cairn.config import ExperimentConfig, SweepSpec, experiments
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci
-from cairn.report import HEADLINE
+from cairn.experiment import run_experiment
+from cairn.report import HEADLINE, save_png, write_report
 from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
@@ -85,8 +86,6 @@ def plots(sweep: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cairn.report import save_png
-
     files = []
     swept = sorted({(row["strategy"], key) for row in sweep["rows"] for key in row["values"]})
     for strategy, key in swept:
@@ -133,9 +132,6 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepSpec | None = None, out: Path |
     """Run every order's experiment (writing its report under `OUT/order-K/`), then aggregate into
     `OUT/sweep.json`, `OUT/sweep.md` and plots. Returns the sweep dict (None in processes other than
     the main one under `accelerate launch`)."""
-    from cairn.experiment import run_experiment
-    from cairn.report import write_report
-
     sweep = sweep or cfg.sweep or SweepSpec()
     out = Path(out or cfg.out_dir())
     configs, points = experiments(cfg, sweep)

@@ -10,8 +10,10 @@ import random
 import sys
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from cairn.data.lm_eval import parse_probe
+from cairn.data.packs import make_pack
 from cairn.data.task import METRICS, SPLITS, Example, Task
 from cairn.errors import DataError
 
@@ -78,10 +80,6 @@ def load_probe(name: str) -> Task:
 
 def _load_pack(source: str) -> Task:
     """`pack:NAME`, optionally `pack:NAME?facts=N&seed=S`."""
-    from urllib.parse import parse_qsl
-
-    from cairn.data.packs import make_pack
-
     name, _, query = source.split(":", 1)[1].partition("?")
     options = {}
     for key, value in parse_qsl(query, keep_blank_values=True):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from cairn.data.batching import left_padded, pad_id
+from cairn.errors import ConfigError
 
 # Fewest shared tokens worth a cached prefix: below this, copying the cache costs about what it saves.
 MIN_SHARED_PREFIX = 16
@@ -67,8 +68,6 @@ def generate(
     positions the model was built for (1e8 would otherwise run for days)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and max_new_tokens > limit:
-        from cairn.errors import ConfigError
-
         raise ConfigError(f"max_new_tokens {max_new_tokens} is more than the model's {limit} positions (max_position_embeddings); ask for at most {limit}")
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)

@@ -11,7 +11,7 @@ import torch
 from numpy.testing import assert_allclose
 
 from cairn.cli import main
-from conftest import stored_contribution
+from conftest import MADE_FROM, stored_contribution
 from cairn.methods.merge.streaming import merge_models
 from cairn.options import MergeOptions
 from cairn.methods.merge.methods import magnitude_threshold, merge_tensor
@@ -217,8 +217,8 @@ def state(folder):
 def test_adapter_deltas_merge_like_the_full_models_they_stand_for(folders, tmp_path, method):
     base_dir, adapters, fulls = folders
     opts = MergeOptions(method=method, **({"density": 0.5} if method == "ties" else {}))
-    merge_models(base_dir, adapters, tmp_path / "from-adapters", opts, progress=False)
-    merge_models(base_dir, fulls, tmp_path / "from-full", opts, progress=False)
+    merge_models(base_dir, adapters, tmp_path / "from-adapters", opts, progress=False, made_from=MADE_FROM)
+    merge_models(base_dir, fulls, tmp_path / "from-full", opts, progress=False, made_from=MADE_FROM)
     a, f = state(tmp_path / "from-adapters"), state(tmp_path / "from-full")
     assert a.keys() == f.keys()
     for k in a:
@@ -231,8 +231,8 @@ def test_tensors_no_adapter_touches_merge_as_the_full_models_would(folders, tmp_
     average (the sum of the inputs) still computes them."""
     base_dir, adapters, fulls = folders
     opts = MergeOptions(method=method, normalize=normalize)
-    merge_models(base_dir, adapters, tmp_path / "a", opts, progress=False)
-    merge_models(base_dir, fulls, tmp_path / "f", opts, progress=False)
+    merge_models(base_dir, adapters, tmp_path / "a", opts, progress=False, made_from=MADE_FROM)
+    merge_models(base_dir, fulls, tmp_path / "f", opts, progress=False, made_from=MADE_FROM)
     a, f, base = state(tmp_path / "a"), state(tmp_path / "f"), state(base_dir)
     untouched = [k for k in base if all(np.array_equal(state(full)[k], base[k]) for full in fulls)]
     assert "model.embed_tokens.weight" in untouched and len(untouched) < len(base)
@@ -248,7 +248,7 @@ def test_tensors_no_adapter_touches_merge_as_the_full_models_would(folders, tmp_
 def test_streaming_merge_equals_the_in_memory_merge(folders, tmp_path):
     base_dir, adapters, fulls = folders
     opts = MergeOptions(method="ties", density=0.3, lambda_=0.9)
-    merge_models(base_dir, [fulls[0], adapters[1]], tmp_path / "out", opts, weights=[1.0, 0.5], progress=False)
+    merge_models(base_dir, [fulls[0], adapters[1]], tmp_path / "out", opts, weights=[1.0, 0.5], progress=False, made_from=MADE_FROM)
     base, t0, t1 = state(base_dir), state(fulls[0]), state(fulls[1])
     out = state(tmp_path / "out")
     assert out.keys() == base.keys()
@@ -265,10 +265,10 @@ def test_merged_folder_loads_and_the_svd_adapter_reconstructs_it(folders, tmp_pa
 
     base_dir, adapters, _ = folders
     opts = MergeOptions(method="task_arithmetic")
-    merge_models(base_dir, adapters, tmp_path / "full", opts, progress=False)
-    stats = merge_models(base_dir, adapters, tmp_path / "lora", opts, adapter_rank=8, progress=False)
+    merge_models(base_dir, adapters, tmp_path / "full", opts, progress=False, made_from=MADE_FROM)
+    stats = merge_models(base_dir, adapters, tmp_path / "lora", opts, adapter_rank=8, progress=False, made_from=MADE_FROM)
     assert stats["svd"]["relative_error"] < 1e-4  # two rank-4 deltas: rank 8 is exact
-    low = merge_models(base_dir, adapters, tmp_path / "lora2", opts, adapter_rank=2, progress=False)
+    low = merge_models(base_dir, adapters, tmp_path / "lora2", opts, adapter_rank=2, progress=False, made_from=MADE_FROM)
     assert 0.05 < low["svd"]["relative_error"] < 1
     x = torch.tensor([[1, 5, 9, 13, 17]])
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
@@ -315,7 +315,7 @@ def test_cli_merge_takes_a_mergekit_config(folders, tmp_path, capsys):
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
     assert main(["merge", "--config", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")]) == 0
     opts = MergeOptions(method="ties", density=0.5, lambda_=0.9)
-    merge_models(base_dir, fulls, tmp_path / "direct", opts, weights=[1.0, 0.5], progress=False)
+    merge_models(base_dir, fulls, tmp_path / "direct", opts, weights=[1.0, 0.5], progress=False, made_from=MADE_FROM)
     out, direct = FolderWeights(tmp_path / "out"), FolderWeights(tmp_path / "direct")
     name = "model.layers.0.mlp.down_proj.weight"
     assert out.meta(name)[0] == "BF16" and direct.meta(name)[0] == "F32"

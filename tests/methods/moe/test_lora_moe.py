@@ -13,7 +13,7 @@ from cairn.methods.moe.routing import arrow_prototype, routers
 from cairn.methods.moe.lora_moe import attach_experts, save_moe
 from cairn.methods.moe.router_training import train_router
 from cairn.methods.moe.routing import topk_weights
-from conftest import code_tasks, stored_contribution
+from conftest import MADE_FROM, code_tasks, stored_contribution
 
 X = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
@@ -160,7 +160,7 @@ def test_saved_mixture_loads_through_load_model_with_the_same_outputs(experts, t
     folders, _, _ = experts
     opts = MoeOptions(router="random", seed=3)
     moe = attach_experts(base_copy(), folders, opts)
-    save_moe(moe, folders, opts, tmp_path / "mix", base="tiny-random")
+    save_moe(moe, folders, opts, tmp_path / "mix", made_from=MADE_FROM)
     loaded, _ = load_model(str(tmp_path / "mix"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, moe(X).logits)
@@ -209,7 +209,7 @@ def test_a_contribution_without_statistics_gets_them_from_its_task_once(tmp_path
     from cairn.workspace import Workspace
     from cairn.strategies.moe import routing_statistics
     from cairn.options import TrainConfig
-    from cairn.training import train_contribution
+    from cairn.contributions import train_contribution
 
     task = Task("t", "exact", {"train": [Example(f"q{i}", f"a{i}") for i in range(4)]})
     train_contribution("tiny-random", task, TrainConfig(epochs=1, batch_size=4), tmp_path / "c", progress=False)

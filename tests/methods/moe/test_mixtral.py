@@ -10,11 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from conftest import MADE_FROM
 from cairn.errors import ModelError
-from mixtral_reference import MoeMLP, reference_model
-from cairn.methods.moe.routing import centroid_router
 from cairn.methods.moe.mixtral import export_mixtral
-from cairn.methods.moe.routing import topk_weights
+from cairn.methods.moe.routing import centroid_router, topk_weights
+from mixtral_reference import MoeMLP, reference_model
 
 VOCAB = 128
 
@@ -98,7 +98,7 @@ def test_export_loads_as_mixtral_and_matches_cairns_reference(family, tmp_path, 
     _, base, tunes = family
     out = tmp_path / "moe"
     with caplog.at_level(logging.WARNING):
-        stats = export_mixtral(base, tunes, out, router=router, top_k=top_k, shared=shared, progress=False)
+        stats = export_mixtral(base, tunes, out, router=router, top_k=top_k, shared=shared, progress=False, made_from=MADE_FROM)
         mixtral = load_export(out)
     assert not [r for r in caplog.records if "key" in r.getMessage().lower() or "initialized" in r.getMessage()]
     assert (mixtral.config.num_local_experts, mixtral.config.num_experts_per_tok) == (3, top_k)
@@ -117,7 +117,7 @@ def test_export_loads_as_mixtral_and_matches_cairns_reference(family, tmp_path, 
 def test_hub_layout_and_the_centroid_gate_in_the_file(family, tmp_path):
     _, base, tunes = family
     out = tmp_path / "moe"
-    export_mixtral(base, tunes, out, router="centroid", temperature=0.5, progress=False)
+    export_mixtral(base, tunes, out, router="centroid", temperature=0.5, progress=False, made_from=MADE_FROM)
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
         gate = f.get_tensor("model.layers.1.block_sparse_moe.gate.weight")
@@ -144,7 +144,7 @@ def test_one_input_or_identical_inputs_reproduce_the_fine_tune(tmp_path):
     tune = fine_tune(base, seed=3)
     tune.save_pretrained(tmp_path / "ft")
     save_centroids(tune, tmp_path / "ft", IDS)
-    export_mixtral(tmp_path / "base", [tmp_path / "ft"], tmp_path / "one", top_k=1, shared="average", progress=False)
+    export_mixtral(tmp_path / "base", [tmp_path / "ft"], tmp_path / "one", top_k=1, shared="average", progress=False, made_from=MADE_FROM)
     one = load_export(tmp_path / "one")
     assert one.config.tie_word_embeddings
     torch.testing.assert_close(logits(one, IDS), logits(tune, IDS), atol=1e-5, rtol=1e-5)
@@ -152,7 +152,7 @@ def test_one_input_or_identical_inputs_reproduce_the_fine_tune(tmp_path):
     mlp_tune = fine_tune(base, seed=4, mlp_only=True)
     mlp_tune.save_pretrained(tmp_path / "mlp")
     save_centroids(mlp_tune, tmp_path / "mlp", IDS)
-    export_mixtral(tmp_path / "base", [tmp_path / "mlp"] * 2, tmp_path / "two", top_k=2, shared="base", progress=False)
+    export_mixtral(tmp_path / "base", [tmp_path / "mlp"] * 2, tmp_path / "two", top_k=2, shared="base", progress=False, made_from=MADE_FROM)
     torch.testing.assert_close(logits(load_export(tmp_path / "two"), IDS), logits(mlp_tune, IDS), atol=1e-5, rtol=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_a_hidden_state_at_a_centroid_routes_mainly_to_its_expert(n):
 
 def test_generate_runs_on_the_export(family, tmp_path):
     _, base, tunes = family
-    export_mixtral(base, tunes[:2], tmp_path / "moe", router="uniform", top_k=2, progress=False)
+    export_mixtral(base, tunes[:2], tmp_path / "moe", router="uniform", top_k=2, progress=False, made_from=MADE_FROM)
     model = load_export(tmp_path / "moe")
     out = model.generate(IDS[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 10) and torch.equal(out[:, :4], IDS[:, :4])
@@ -189,18 +189,18 @@ def test_errors_are_clear_and_leave_nothing_behind(family, tmp_path):
     wide = tiny_llama(intermediate_size=96)
     wide.save_pretrained(tmp_path / "wide")
     with pytest.raises(ModelError, match=r"wide: tensor .model\.layers\.0\.mlp\.down_proj\.weight. has shape \[64, 96\], the base has \[64, 128\]"):
-        export_mixtral(base, [tunes[0], tmp_path / "wide"], out, router="random", progress=False)
+        export_mixtral(base, [tunes[0], tmp_path / "wide"], out, router="random", progress=False, made_from=MADE_FROM)
     bare = tmp_path / "bare"
     fine_tune(tiny_llama(), seed=5).save_pretrained(bare)
     with pytest.raises(ModelError, match=r"bare/centroids\.safetensors not found.*own training prompts"):
-        export_mixtral(base, [tunes[0], bare], out, progress=False)
+        export_mixtral(base, [tunes[0], bare], out, progress=False, made_from=MADE_FROM)
     other = tmp_path / "qwen"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
     with pytest.raises(ModelError, match=r"model_type 'qwen2' \(Qwen2ForCausalLM\); only Llama-family"):
-        export_mixtral(other, tunes, out, progress=False)
+        export_mixtral(other, tunes, out, progress=False, made_from=MADE_FROM)
     with pytest.raises(ModelError, match="top_k is 3 with 2 experts"):
-        export_mixtral(base, tunes[:2], out, top_k=3, progress=False)
+        export_mixtral(base, tunes[:2], out, top_k=3, progress=False, made_from=MADE_FROM)
     with pytest.raises(ModelError, match="unknown router 'hidden'"):
-        export_mixtral(base, tunes, out, router="hidden", progress=False)
+        export_mixtral(base, tunes, out, router="hidden", progress=False, made_from=MADE_FROM)
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".moe")] == []

@@ -1,0 +1,3 @@
+"""Merging: per-tensor math and its `METHODS` table (`methods.py`), its numba kernels
+(`kernels.py`), merging folders on disk one parameter at a time (`streaming.py`), and mergekit
+YAML configs (`mergekit.py`)."""

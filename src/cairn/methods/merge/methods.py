@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from cairn.methods.merge import kernels as K
 from cairn.options import MERGE_METHODS, MergeOptions
 
 _SAMPLE = 1 << 12
@@ -51,8 +52,6 @@ def magnitude_threshold(base, theta, density: float) -> tuple[float, int]:
     pass counts the entries above the bracket and gathers those inside, and a bucket selection
     finds t in that band; if the sample missed, the band is everything on t's side of it.
     """
-    from cairn.methods.merge import kernels as K
-
     work = _work(base)
     b, th = _flat(base, work), _flat(theta, work)
     n = b.size
@@ -75,8 +74,6 @@ def _combine(base, tensors, weights, *, mode=0, density=1.0, seed=0, elect: bool
     """The generalized task-arithmetic merge (see kernels.combine): sparsify each τᵢ
     (mode 1 TIES magnitude, mode 2 DARE drop), weight, optionally elect signs, sum, optionally
     divide by the weight that contributed, scale by λ, add to the base."""
-    from cairn.methods.merge import kernels as K
-
     work = _work(base)
     b = _flat(base, work)
     thetas = tuple(_flat(t, work) for t in tensors)

@@ -42,7 +42,8 @@ from torch import nn
 from cairn.errors import ModelError
 from cairn.io import atomic_dir, read_json_object
 from cairn.manifest import contribution_manifest, tasks_of
-from cairn.methods.moe import statistics
+from cairn.methods.moe.statistics import FILE as STATISTICS_FILE
+from cairn.methods.moe.statistics import load as load_statistics
 from cairn.methods.moe.routing import ROUTER_CLASSES, Router, RoutingContext, routers
 from cairn.options import MoeOptions
 from cairn.weights.adapters import read_lora
@@ -102,7 +103,7 @@ def attach_experts(model, experts: list[Path], opts: MoeOptions, statistics: lis
     adapter folder)."""
     adapters = [_read_adapter(Path(e)) for e in experts]
     if opts.router == "centroid" and statistics is None:
-        statistics = [statistics.load(e) for e in experts]
+        statistics = [load_statistics(e) for e in experts]
     context = RoutingContext(survey=opts.router == "centroid" and opts.granularity == "sequence")
     modules = sorted({m for ad in adapters for m in ad})
     for module in modules:
@@ -144,7 +145,7 @@ def save_moe(model, experts: list[Path], opts: MoeOptions, out: Path, *, made_fr
         for k, src in enumerate(experts):
             dst = tmp / "experts" / str(k)
             dst.mkdir(parents=True)
-            for f in ("adapter_config.json", "adapter_model.safetensors", statistics.FILE):
+            for f in ("adapter_config.json", "adapter_model.safetensors", STATISTICS_FILE):
                 if (Path(src) / f).is_file():
                     shutil.copy2(Path(src) / f, dst / f)
             names.append(str(src))

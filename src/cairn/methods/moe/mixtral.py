@@ -24,11 +24,10 @@ from cairn.io import atomic_dir, read_json_object
 from cairn.manifest import contribution_manifest, tasks_of
 from cairn.methods.moe import statistics
 from cairn.methods.moe.routing import centroid_router, random_router
-from cairn.options import MIXTRAL_ROUTERS, TEMPERATURE
+from cairn.options import MIXTRAL_ROUTERS, MIXTRAL_SHARED, TEMPERATURE
 from cairn.weights.adapters import open_input
 from cairn.weights.tensor_files import STORAGE, FolderWeights, SafetensorsWriter
 
-SHARED = ("base", "average")
 DEFAULT_TEMPERATURE = TEMPERATURE["mixtral"]["centroid"]
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's names for Llama's
@@ -105,8 +104,8 @@ class _Mixture:
             raise ModelError("nothing to export: give at least one fine-tuned model (one expert each)")
         if router not in MIXTRAL_ROUTERS:
             raise ModelError(f"unknown router {router!r}; expected one of {', '.join(MIXTRAL_ROUTERS)}")
-        if shared not in SHARED:
-            raise ModelError(f"unknown shared {shared!r}; expected one of {', '.join(SHARED)}")
+        if shared not in MIXTRAL_SHARED:
+            raise ModelError(f"unknown shared {shared!r}; expected one of {', '.join(MIXTRAL_SHARED)}")
         if not 1 <= top_k <= len(inputs):
             raise ModelError(f"top_k is {top_k} with {len(inputs)} experts: it must be between 1 and the number of inputs")
         self.base, self.inputs, self.top_k, self.shared = Path(base), [Path(p) for p in inputs], top_k, shared
