@@ -2,6 +2,7 @@
 the command refuses, with the same message and exit code."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,11 +120,14 @@ def test_store_verify_lists_every_contribution_then_refuses_a_tampered_one_in_th
     assert capsys.readouterr().out.splitlines() == lines
 
 
-def test_store_folder_is_the_argument_else_cairn_store_else_the_current_folders(monkeypatch, tmp_path):
+def test_the_default_store_is_cairn_store_else_the_current_folders(monkeypatch, tmp_path):
+    from cairn.store import default_store
+
     monkeypatch.delenv("CAIRN_STORE", raising=False)
-    assert str(api.store_folder()) == "cairn-store" and api.store_folder(tmp_path) == tmp_path
+    assert default_store() == Path("cairn-store")
     monkeypatch.setenv("CAIRN_STORE", str(tmp_path / "s"))
-    assert api.store_folder() == tmp_path / "s"
+    assert default_store() == tmp_path / "s"
+    assert api.store_list() == []  # an empty store lists nothing: the API reads the same default
 
 
 def test_inspect_returns_what_data_inspect_prints(capsys, write_jsonl):

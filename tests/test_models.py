@@ -69,7 +69,7 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
     from cairn.data import load_task
     from cairn.manifest import read_manifest, write_manifest
     from cairn.options import TrainConfig
-    from cairn.contributions import train_contribution
+    from cairn.contributions import load, train_contribution
 
     task = load_task("pack:people")
     task.splits["train"] = task.train[:4]
@@ -79,6 +79,8 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
     manifest["base_fingerprint"] = "0" * 64
     write_manifest(out, manifest)
     with pytest.raises(ModelError, match="trained on a base with fingerprint 000000000000"):
+        load(str(out))
+    with pytest.raises(ModelError, match="is an adapter, not a base model"):  # a base-model loader does not take it
         load_model(str(out))
 
 

@@ -8,7 +8,7 @@ import torch
 
 from cairn.data import Example, load_task
 from cairn.data.batching import IGNORE, collate, encode
-from cairn.contributions import train_contribution
+from cairn.contributions import load, train_contribution
 from cairn.speedups import EAGER_ATTENTION_UP_TO, attention_for, frozen_in_bf16
 from cairn.training import add_lora, answer_loss, train
 from cairn.options import TrainConfig
@@ -144,7 +144,7 @@ def test_train_contribution_writes_a_loadable_peft_adapter_with_manifest(tmp_pat
     assert set(manifest["files"]) >= {"adapter_model.safetensors", "adapter_config.json"}
     assert len(manifest["train"]["losses"]) == manifest["train"]["steps"] == 2
     assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
-    loaded, _ = load_model(str(out))
+    loaded, _ = load(str(out))
     assert loaded.cairn_base == "tiny-random"
     assert not list(tmp_path.glob(".*tmp"))  # no temporary folder left behind
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cairn.methods.olora as olora_mod
+import cairn.strategies.olora as olora_strategy
 from cairn.config import parse_config
 from cairn.data import Example, Task
 from cairn.errors import ConfigError
@@ -103,7 +103,7 @@ def test_olora_stacks_stages_and_a_rerun_reuses_them(tiny, tmp_path, monkeypatch
     assert work.cost()["tokens"] > 0 and work.cost()["trainable_params"] > 0
 
     calls = []
-    monkeypatch.setattr(olora_mod, "train", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(olora_strategy, "train", lambda *a, **k: calls.append(1))
     again, reloaded = run_olora(tiny, tmp_path, opts)
     assert calls == [] and again.used == work.used
     ids = torch.tensor([[3, 1, 4, 1, 5]])

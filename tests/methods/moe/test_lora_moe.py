@@ -154,14 +154,14 @@ def test_trained_router_learns_and_only_the_router_changes(experts, tiny):
     assert any(r.linear.weight.abs().sum() > 0 for r in routers(moe).values())
 
 
-def test_saved_mixture_loads_through_load_model_with_the_same_outputs(experts, tmp_path):
-    from cairn.models import load_model
+def test_saved_mixture_loads_through_contributions_load_with_the_same_outputs(experts, tmp_path):
+    from cairn.contributions import load
 
     folders, _, _ = experts
     opts = MoeOptions(router="random", seed=3)
     moe = attach_experts(base_copy(), folders, opts)
     save_moe(moe, folders, opts, tmp_path / "mix", made_from=MADE_FROM)
-    loaded, _ = load_model(str(tmp_path / "mix"))
+    loaded, _ = load(str(tmp_path / "mix"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, moe(X).logits)
     assert (tmp_path / "mix" / "experts" / "1" / centroids.FILE).is_file()
