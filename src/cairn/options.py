@@ -147,10 +147,12 @@ ROUTERS = ("uniform", "arrow", "centroid", "trained", "random")  # the LoRA-MoE 
 MIXTRAL_ROUTERS = ("uniform", "centroid", "random")  # a Mixtral model's (full fine-tunes mixed)
 MIXTRAL_SHARED = ("base", "average")  # where a Mixtral model's attention, norms and embeddings come from
 
-# Default softmax temperatures, per mixture and router, in each router's units. Centroid distances (≈ 1 on an expert's own
-# prompts) want nearly hard routing: on the quickstart's 4 packs the countries pack scored 0.48 at
-# T = 0.1, 0.70 at 0.02 and 0.78 at 0.005 (its own adapter: 0.84), the other packs as their own
-# adapters from 0.02 down. Arrow's |cos| failed to separate the packs at 0.1 and 0.02 alike.
+# Default softmax temperatures, per mixture and router, in each router's units. LoRA-MoE's centroid
+# distances (≈ 1 on an expert's own prompts) want nearly hard routing: on the quickstart's 4 packs the
+# countries pack scored 0.48 at T = 0.1, 0.70 at 0.02 and 0.78 at 0.005 (its own adapter: 0.84), the
+# other packs as their own adapters from 0.02 down. Arrow's |cos| failed to separate the packs at 0.1
+# and 0.02 alike. A Mixtral gate's centroid rows are scaled to the centroids' spread, so T = 1 gives
+# an expert top-2 weight ≈ 0.88 at its own centroid (methods/moe/routing.centroid_router).
 TEMPERATURE = {"lora-moe": {"centroid": 0.005, "arrow": 0.1}, "mixtral": {"centroid": 1.0}}
 
 
