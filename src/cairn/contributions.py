@@ -20,22 +20,24 @@ import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
-
-from peft import PeftModel
+from typing import TYPE_CHECKING, Callable
 
 from cairn.distributed import barrier, is_main
 from cairn.errors import ConfigError, ModelError
 from cairn.io import atomic_dir
 from cairn.manifest import contribution_manifest, read_manifest
-from cairn.methods.moe import statistics
-from cairn.methods.moe.lora_moe import load_moe, moe_base
 from cairn.models import ModelSpec, load_model, saved_bytes, write_model
 from cairn.options import TrainConfig
 from cairn.store import Store
-from cairn.training import TrainResult, train
 from cairn.weights.adapters import adapter_config
 from cairn.weights.tensor_files import FolderWeights, read_header
+
+if TYPE_CHECKING:
+    from cairn.training import TrainResult
+
+# Naming and checking inputs imports no torch: `cairn merge` streams tensors with numpy alone, and
+# torch's import would be ~4 s of a 5 s merge (bench/merge.py). What trains, computes routing
+# statistics or loads a model imports torch's side (training, methods/moe, peft) where it is used.
 
 log = logging.getLogger("cairn")
 STORE_PREFIX = "store:"
@@ -158,6 +160,8 @@ def save_routing_statistics(model, tokenizer, task, cfg: TrainConfig, out: Path)
     model reads the prompts for LoRA (the LoRA-MoE router reads prompts so), per MLP block of
     the fine-tuned model for FFT (the Mixtral router sits inside it). Prompts are cut to
     `max_length` tokens, as training cuts them (a 50 MB prompt read whole took 21 GB)."""
+    from cairn.methods.moe import statistics
+
     if cfg.method == "lora":
         inner = model.get_base_model()
         modules = sorted(name for name, m in inner.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
@@ -199,6 +203,8 @@ def train_contribution(
     once the contribution is saved. Under `accelerate launch` every process trains and the main one
     writes; all return the manifest.
     """
+    from cairn.training import train
+
     model, tokenizer = load_model(base)
     base_fp = model.cairn_fingerprint
     checkpoints = Path(checkpoint_dir) / base_fp[:20] if checkpoint_dir is not None else None
@@ -232,6 +238,8 @@ def load(spec: str | ModelSpec, *, allow_pickle: bool = False):
 
 
 def _load_adapter(path: Path, *, allow_pickle: bool):
+    from peft import PeftModel
+
     pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
     if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
         raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
@@ -251,6 +259,8 @@ def _load_adapter(path: Path, *, allow_pickle: bool):
 
 
 def _load_moe(path: Path):
+    from cairn.methods.moe.lora_moe import load_moe, moe_base
+
     model, tokenizer = load(moe_base(path))
     base, fp = model.cairn_base, model.cairn_fingerprint
     model = load_moe(path, model).eval()
