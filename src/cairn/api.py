@@ -230,7 +230,7 @@ def _inputs(inputs: list, base: str, base_folder: str, store, fingerprint) -> li
     """The inputs' folders (folders or store IDs), each checked against the base."""
     from cairn.contributions import check_inputs, resolve_inputs
 
-    paths = resolve_inputs(list(inputs), _store(store).root, fingerprint)
+    paths = resolve_inputs(list(inputs), _store_folder(store), fingerprint)
     if not paths:
         raise ConfigError("nothing to combine: give at least one input")
     check_inputs(paths, base_folder, fingerprint, base)
@@ -322,10 +322,16 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
 # --- the store ---------------------------------------------------------------------------------------
 
 
-def _store(store):
-    from cairn.store import Store, default_store
+def _store_folder(store) -> Path:
+    from cairn.store import default_store
 
-    return Store(store if store is not None else default_store())
+    return Path(store) if store is not None else default_store()
+
+
+def _store(store):
+    from cairn.store import Store
+
+    return Store(_store_folder(store))
 
 
 def store_add(path: str | Path, name: str | None = None, *, store: str | Path | None = None) -> dict:
