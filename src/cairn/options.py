@@ -111,6 +111,10 @@ MERGE_METHODS: dict[str, MergeParameters] = {
     "dare_ties": MergeParameters(frozenset({"density", "lambda", "seed"}), False),
 }
 
+# `combine: factors`: each method that merges LoRA factors, and the PEFT `add_weighted_adapter`
+# combination_type it is (methods/merge/factors.py).
+FACTOR_METHODS = {"task_arithmetic": "linear", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
+
 
 class MergeOptions(StrategyOptions):
     """A merge's method and parameters (`lambda` in YAML and on the command line)."""
@@ -122,16 +126,24 @@ class MergeOptions(StrategyOptions):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
     seed: int = Field(0, description="seed of DARE's random drop")
+    combine: Literal["delta", "factors"] = Field("delta", description="delta: merge each module's exact ΔW = B·A; factors (LoRA only): merge the A matrices among themselves and the B among themselves, as PEFT's add_weighted_adapter")
 
     @model_validator(mode="after")
     def _applies(self, info: ValidationInfo):
         """A parameter the method does not read is an error, not silently unused (set ones only:
         the defaults are every method's)."""
-        uses = MERGE_METHODS[self.method].reads
-        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed") and k not in uses]
+        if self.combine == "factors" and self.method not in FACTOR_METHODS:
+            raise ValueError(f"method {self.method} does not combine factors; combine: factors supports {', '.join(FACTOR_METHODS)} (or use combine: delta)")
+        uses = MERGE_METHODS[self.method].reads | ({"normalize"} if self.combine == "delta" else set())
+        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed", "normalize") and k not in uses]
         if unused:
-            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {self.method}; it reads: {', '.join(sorted({*uses, 'normalize'}))}")
+            what = self.method if self.combine == "delta" else f"{self.method} with combine: factors"
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {what}; it reads: {', '.join(sorted(uses))}")
         return self
+
+    def fits(self, cfg: TrainConfig) -> None:
+        if self.combine == "factors" and cfg.method != "lora":
+            raise ConfigError(f"combine: factors merges LoRA factors, which {cfg.method} contributions (full fine-tunes) lack; use combine: delta, or train: {{method: lora}}")
 
     def kwargs(self) -> dict:
         spec = MERGE_METHODS[self.method]
