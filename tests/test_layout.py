@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ["cairn.cli"],
     ["cairn.api"],
-    ["cairn.sweep"],
+    ["cairn.sweep", "cairn.tuning"],
     ["cairn.experiment"],
     ["cairn.report", "cairn.config"],
     ["cairn.strategies"],

@@ -49,6 +49,7 @@ class StrategySpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kind: str
     train: dict = Field(default_factory=dict)
+    task_train: dict[str, dict] = Field(default_factory=dict, description="per task name: training overrides for that task's stage (what tuning chose per contribution in the semi setting)")
     options: dict = Field(default_factory=dict)
     _typed: StrategyOptions | None = PrivateAttr(None)  # the options as validated: it knows which the user set
 
@@ -56,7 +57,7 @@ class StrategySpec(BaseModel):
     @classmethod
     def _gather_options(cls, data):
         if isinstance(data, dict) and "options" not in data:
-            core = {"name", "kind", "train"}
+            core = {"name", "kind", "train", "task_train"}
             data = {**{k: v for k, v in data.items() if k in core}, "options": {k: v for k, v in data.items() if k not in core}}
         return data
 
@@ -75,7 +76,7 @@ class StrategySpec(BaseModel):
             message = str(config_error(exc, f"strategy {self.name!r} ({self.kind})"))
             if any("unknown key" in e["msg"] for e in exc.errors()):  # the strategy's own keys are allowed too
                 fields = STRATEGY_OPTIONS[self.kind].model_fields
-                message += f" (keys allowed: {', '.join(['name', 'kind', 'train', *(f.alias or k for k, f in fields.items())])})"
+                message += f" (keys allowed: {', '.join(['name', 'kind', 'train', 'task_train', *(f.alias or k for k, f in fields.items())])})"
             raise ValueError(message) from None
         # every option, defaults included (results.json shows what ran), under its YAML name (`lambda`)
         self.options = self._typed.model_dump(by_alias=True)
@@ -104,6 +105,44 @@ class SweepSpec(Strict):
         return seeds
 
 
+# Where each training method learns the quickstart's packs (bundled model, 8 epochs, batch 8): LoRA
+# learned nothing at 1e-4 and over-wrote the probe by 2e-3, FFT learned at 1e-4 and forgot most of
+# the probe at 3e-4 (docs/results.md). A tuning grid that is not given spans this bracket, log-spaced.
+LR_BRACKET = {"lora": (1e-4, 3e-3), "fft": (1e-5, 3e-4)}
+
+
+class TuneSpec(Strict):
+    """Equal-budget tuning (`cairn tune`): every strategy tries `budget` grid points x `seeds`,
+    chosen on eval splits only (each task's eval split, the probe's eval half) by `metric` among
+    the points whose eval old_change is no worse than `-max_forgetting`."""
+
+    grid: dict[str, dict[str, list]] = Field(default_factory=dict, description="strategy name -> {train.FIELD or option: values}; a strategy not named tunes train.lr over LR_BRACKET")
+    budget: int | None = Field(None, ge=1, description="grid points per strategy; default: the largest given grid's size (4 without one)")
+    seeds: list[Seed] | None = Field(None, min_length=1, description="tuning seeds; default: the experiment's first")
+    metric: Literal["op", "new", "retained", "bwt", "old_change"] = "op"
+    max_forgetting: float | None = Field(None, ge=0, description="a point qualifies when its eval old_change >= -max_forgetting (default: every point does)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds):
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, grid):
+        for name, keys in grid.items():
+            for key, values in keys.items():
+                if not values:
+                    raise ValueError(f"grid.{name}.{key}: give at least one value")
+        return grid
+
+    def points(self) -> int:
+        sizes = [math.prod(len(v) for v in keys.values()) for keys in self.grid.values()]
+        return self.budget or max(sizes, default=4)
+
+
 class ExperimentConfig(Strict):
     """Base model x task stream x strategies x seeds."""
 
@@ -121,6 +160,7 @@ class ExperimentConfig(Strict):
     tracker: Literal["tensorboard", "mlflow", "wandb"] | None = None  # also log to this tool, under OUT/tracking
     chat_template: bool = False  # wrap every task's prompts in the model's chat template (a task may say otherwise)
     sweep: SweepSpec | None = None  # what `cairn sweep` varies (`cairn run` runs the config as it is)
+    tune: TuneSpec | None = None  # how `cairn tune` gives every strategy the same tuning budget
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -141,16 +181,25 @@ class ExperimentConfig(Strict):
                 opts.check(train)  # what the kind declares it can run, before any model is loaded
             except ValueError as exc:
                 raise ValueError(f"strategy {s.name!r} (kind {s.kind}) {exc}") from None
+        for s in self.strategies:  # task names are checked once the tasks are loaded (run_experiment)
+            for task in s.task_train:
+                self.train_config(s, self.seeds[0], task)
         if self.sweep is not None:  # every grid point and task order must give a valid experiment
             try:
                 experiments(self, self.sweep)
             except ConfigError as exc:
                 raise ValueError(f"sweep: {exc}") from None
+        if self.tune is not None:  # every strategy's grid must give valid strategies, of one size
+            try:
+                tuning_grid(self, self.tune)
+            except ConfigError as exc:
+                raise ValueError(f"tune: {exc}") from None
         return self
 
-    def train_config(self, strategy: StrategySpec, seed: int) -> TrainConfig:
-        """The experiment's training defaults, overridden by the strategy's, with the run's seed."""
-        merged = {**self.train, **strategy.train, "seed": seed}
+    def train_config(self, strategy: StrategySpec, seed: int, task: str | None = None) -> TrainConfig:
+        """The experiment's training defaults, overridden by the strategy's (and, for `task`, by
+        the strategy's `task_train` entry for it), with the run's seed."""
+        merged = {**self.train, **strategy.train, **strategy.task_train.get(task, {}), "seed": seed}
         try:
             return TrainConfig.model_validate(merged)
         except ValidationError as exc:
@@ -238,7 +287,7 @@ def sweep_spec(cfg: ExperimentConfig, *, grid: dict | None = None, seeds: list[i
     return SweepSpec.model_validate(spec)
 
 
-def _variant_name(name: str, point: dict) -> str:
+def variant_name(name: str, point: dict) -> str:
     """`NAME.KEY-VALUE...`, with characters a strategy name cannot hold replaced by `_`."""
     parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in point.items()]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join([name, *parts]))
@@ -277,9 +326,40 @@ def grid(cfg: ExperimentConfig, sweep: SweepSpec) -> list[tuple[str, str, dict, 
             strategy = {**plain, "train": dict(plain["train"])}
             for key, value in point.items():
                 _set_key(strategy, key, value, f"sweep key strategies.{spec.name}.{key}")
-            strategy["name"] = _variant_name(spec.name, point) if point else spec.name
+            strategy["name"] = variant_name(spec.name, point) if point else spec.name
             points.append((strategy["name"], spec.name, point, strategy))
     return points
+
+
+def default_grid(cfg: ExperimentConfig, spec: StrategySpec, points: int) -> dict[str, list]:
+    """`points` learning rates log-spaced over the strategy's training method's LR_BRACKET."""
+    low, high = LR_BRACKET[cfg.train_config(spec, cfg.seeds[0]).method]
+    if points == 1:
+        return {"train.lr": [float(f"{math.sqrt(low * high):.2g}")]}
+    return {"train.lr": [float(f"{low * (high / low) ** (i / (points - 1)):.2g}") for i in range(points)]}
+
+
+def tuning_grid(cfg: ExperimentConfig, tune: TuneSpec) -> list[tuple[str, str, dict, dict]]:
+    """`grid()` of every strategy's tuning grid (given, else `default_grid`); each strategy must
+    have `tune.points()` points, so every strategy gets the same budget."""
+    names = [s.name for s in cfg.strategies]
+    unknown = sorted(set(tune.grid) - set(names))
+    if unknown:
+        raise ConfigError(f"grid names {', '.join(unknown)}, which {'is not a strategy' if len(unknown) == 1 else 'are not strategies'}; the config has {', '.join(names)}")
+    budget = tune.points()
+    keys, sizes = {}, {}
+    for spec in cfg.strategies:
+        grid_of = tune.grid.get(spec.name) or default_grid(cfg, spec, budget)
+        sizes[spec.name] = math.prod(len(v) for v in grid_of.values())
+        keys.update({f"strategies.{spec.name}.{k}": v for k, v in grid_of.items()})
+    unequal = {name: n for name, n in sizes.items() if n != budget}
+    if unequal:
+        raise ConfigError(
+            f"every strategy must try the same number of grid points (budget {budget}); "
+            + ", ".join(f"{name} has {n}" for name, n in unequal.items())
+            + ": give each the same number of values, or set budget"
+        )
+    return grid(cfg, SweepSpec(set=keys))
 
 
 def task_orders(n: int, k: int, seed: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
 from cairn.data.task import Task
 from cairn.distributed import is_main
-from cairn.errors import TrainingDiverged
+from cairn.errors import ConfigError, TrainingDiverged
 from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
 from cairn.io import atomic_write_json
@@ -40,7 +40,7 @@ def _per_task(result: EvalResult) -> dict[str, float]:
 
 
 def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, probes: list = ()) -> tuple[list[float], float | None, dict]:
-    """(R row, G, {further probe, or lm-eval probe/task: score}) of one stage's model."""
+    """(R row, G, {further probe, or lm-eval probe/task: score}) of one stage's model, on the test splits."""
     fp = fingerprint(model)
     row = [work.evaluate(model, fp, t).score for t in tasks]
     headline = work.evaluate(model, fp, probe) if probe else None
@@ -49,6 +49,22 @@ def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, 
         result = work.evaluate(model, fp, p)
         extra = {**extra, p.name: result.score, **_per_task(result)}
     return row, headline.score if headline else None, extra
+
+
+def _score_eval(work: Workspace, model, tasks: list[Task], probe: Task | None) -> tuple[list[float], float | None]:
+    """(R row, G) of one stage's model on the eval splits, which tuning chooses on: each task's eval
+    split and the probe's eval half (an lm-eval probe, whose split is lm-eval's, gives no G here)."""
+    fp = fingerprint(model)
+    row = [work.evaluate(model, fp, t, "eval").score for t in tasks]
+    scored = probe is not None and isinstance(probe, Task)
+    return row, work.evaluate(model, fp, probe, "eval").score if scored else None
+
+
+def check_eval_splits(tasks: list[Task], probe) -> None:
+    """Tuning chooses on eval splits only: each task and the probe must have one."""
+    missing = [t.name for t in [*tasks, *([probe] if isinstance(probe, Task) else [])] if not t.eval]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no eval split; tuning chooses on eval splits only (never on test): give each task an eval split")
 
 
 def _until_diverged(stages: Iterator, failure: dict) -> Iterator:
@@ -120,8 +136,9 @@ class _Plan:
                 return
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Path | None = None, progress: bool = True, log=print) -> dict | None:
-    """Run every strategy for every seed; write per-stage rows and return the results dict.
+def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Path | None = None, eval_splits: bool = False, progress: bool = True, log=print) -> dict | None:
+    """Run every strategy for every seed; write per-stage rows and return the results dict. With
+    `eval_splits`, every stage is also scored on the eval splits (each run's `eval` entry), for tuning.
 
     Under `accelerate launch` every process runs the strategies (their training is split between
     the processes); only the main one evaluates, writes and returns the results (the others None).
@@ -138,11 +155,17 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
+    unknown = sorted({t for spec in cfg.strategies for t in spec.task_train} - set(names))
+    if unknown:
+        raise ConfigError(f"task_train names {', '.join(unknown)}; the tasks are {', '.join(names)}")
+    if eval_splits:
+        check_eval_splits(tasks, probe)
     plan = _Plan(tasks, tokenizer) if main else None
     if plan:
         plan.start(cfg, log)
     work = Workspace(Path(cache) if cache else out / "cache", cfg.base, tokenizer, progress)
     r0, g0, p0 = _score_stage(work, base, tasks, probe, probes) if main else ([], None, {})
+    e0 = _score_eval(work, base, tasks, probe) if main and eval_splits else None
     if main:
         log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
 
@@ -151,8 +174,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
         for spec in cfg.strategies:
             train_cfg = cfg.train_config(spec, seed)
             work.used = []
+            work.task_train = {t.name: cfg.train_config(spec, seed, t.name) for t in tasks if t.name in spec.task_train}
             start = time.perf_counter()
             R, G, notes, P = [r0], [g0], [], {name: [v] for name, v in p0.items()}
+            E = ([e0[0]], [e0[1]]) if e0 else None
             views = [Task(t.name, t.metric, {"train": list(t.train)}) for t in tasks]  # train splits only
             opts = spec.typed_options()
             history = opts.reads_history()
@@ -170,6 +195,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
                 G.append(g)
                 for name, v in extra.items():
                     P[name].append(v)
+                if E:
+                    row_e, g_e = _score_eval(work, model, tasks, probe)
+                    E[0].append(row_e)
+                    E[1].append(g_e)
                 notes.append(dict(work.notes))
                 work.notes.clear()
                 atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **({"probes": extra} if extra else {}), **notes[-1]})
@@ -186,12 +215,16 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
             run = {"R": R, "G": G if probe else None, "cost": {**work.cost(), "run_wall_s": round(time.perf_counter() - start, 1)}}
             if P:
                 run["probes"] = P
+            if E:
+                run["eval"] = {"R": E[0], "G": E[1] if E[1][0] is not None else None}
             if failure:  # no summary: the stages after the divergence were never trained
                 run.update(summary=None, final=None, diverged={"stage": len(R), "message": failure["message"]})
                 work.notes.clear()
                 log(f"{spec.name} seed {seed} diverged at stage {len(R)}: {failure['message']}")
             else:
                 run["summary"], run["final"] = summarize(R, G if probe else [])
+                if E:
+                    run["eval"]["summary"], run["eval"]["final"] = summarize(E[0], run["eval"]["G"] or [])
                 if tracker:
                     log_summary(tracker, f"{spec.name}/seed-{seed}", run["summary"], run["final"])
             runs.setdefault(spec.name, {})[seed] = run

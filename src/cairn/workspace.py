@@ -44,6 +44,12 @@ class Workspace:
     progress: bool = True
     used: list[Path] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    task_train: dict[str, TrainConfig] = field(default_factory=dict)  # per task name: the training config of its stage, where it differs
+
+    def config_for(self, task: Task, cfg: TrainConfig) -> TrainConfig:
+        """The training config of `task`'s stage: the strategy's, unless `task_train` names the task
+        (tuning's per-contribution choice in the semi setting)."""
+        return self.task_train.get(task.name, cfg)
 
     def note(self, **info) -> None:
         """Let a strategy record what a stage did (e.g. the replayed examples) in its stage row."""
@@ -76,6 +82,7 @@ class Workspace:
     def contribution(self, model, task: Task, cfg: TrainConfig) -> Path:
         """The saved contribution of `model` trained on `task` (trained on a copy unless cached), for
         methods that combine contributions rather than continue a model."""
+        cfg = self.config_for(task, cfg)
         folder = self._contribution_folder(fingerprint(model), task, cfg)
         if read_manifest(folder) is None:
             self.train(copy.deepcopy(model), task, cfg)
@@ -85,6 +92,7 @@ class Workspace:
 
     def train(self, model, task: Task, cfg: TrainConfig):
         """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
+        cfg = self.config_for(task, cfg)
         start = fingerprint(model)
         folder = self._contribution_folder(start, task, cfg)
 
@@ -101,11 +109,11 @@ class Workspace:
             return model.eval()
         return PeftModel.from_pretrained(model, str(folder)).eval()
 
-    def evaluate(self, model, model_fp: str, task: Task) -> EvalResult:
-        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, 'test')}.json"
+    def evaluate(self, model, model_fp: str, task: Task, split: str = "test") -> EvalResult:
+        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, split)}.json"
         if path.is_file():
             return EvalResult(**json.loads(path.read_text()))
-        result = evaluate_task(model, self.tokenizer, task, progress=self.progress)
+        result = evaluate_task(model, self.tokenizer, task, split=split, progress=self.progress)
         atomic_write_json(path, result.to_dict())
         return result
 
