@@ -108,3 +108,18 @@ def test_in_the_semi_setting_each_contributor_chooses_its_own_training_settings(
     assert {t["task"] for t in summary["contributor_tries"]} == {"alpha", "beta"} and len(summary["contributor_tries"]) == 4
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["strategies"][0]["task_train"] == per_task
+
+
+def test_cairn_frontier_writes_the_frontier_without_a_verdict_and_refuses_bad_options(config, tmp_path, capsys):
+    import yaml
+
+    from cairn.cli import main
+
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({**config, "out": str(tmp_path / "out")}))
+    assert main(["frontier", str(path), "--max-forgetting", "0.5"]) in (0, None)
+    summary = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert summary["tune"]["max_forgetting"] == 0.5 and summary["frontier"]["strategies"].keys() == {"seq", "avg"}
+    assert not (tmp_path / "out" / "results.json").exists()  # the frontier alone runs no verdict
+    assert main(["tune", str(path), "--budget", "3"]) == 4  # a config error; grids of 2 points cannot fill a budget of 3
+    assert "budget 3" in capsys.readouterr().err

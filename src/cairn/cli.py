@@ -134,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=int, help="task orders: the config's, then K-1 other seeded permutations (default 1)")
     p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
 
+    for name, what in (("tune", "tune every strategy at the same budget on the eval splits, then run each at its chosen setting and rank them"),
+                       ("frontier", "every strategy's learning-forgetting points over its tuning grid, its Pareto front and the matched comparison")):
+        p = _command(sub, name, _cmd_tune, what)
+        p.add_argument("config", type=Path, help="experiment YAML; its `tune:` section gives the defaults of the options below")
+        p.add_argument("--seeds", help="comma-separated tuning seeds (default: the tune section's, else the config's first)")
+        p.add_argument("--budget", type=int, help="grid points per strategy (default: the largest grid's size, 4 without one)")
+        p.add_argument("--metric", choices=["op", "new", "retained", "bwt", "old_change"], help="what the choice maximizes on the eval splits (default op)")
+        p.add_argument("--max-forgetting", type=float, help="only points whose eval old_change >= -X qualify (default: no bound)")
+        p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
+
     p = _command(sub, "report", _cmd_report, "re-render the report of a run folder from its results.json")
     p.add_argument("dir", type=Path)
 
@@ -227,14 +237,32 @@ def _cmd_sweep(args) -> None:
 
     from cairn.config import parse_set
 
-    try:
-        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    seeds = _seeds(args.seeds)
     grid = dict(parse_set(text) for text in args.set)
     summary = api.sweep(args.config, args.out, grid=grid, seeds=seeds, orders=args.orders, log=tqdm.write)
     if summary is not None:  # None in the processes other than the main one under `accelerate launch`
         _print_sweep(summary)
+
+
+def _cmd_tune(args) -> None:
+    from tqdm.auto import tqdm
+
+    seeds = _seeds(args.seeds)
+    summary = api.tune(args.config, args.out, seeds=seeds, budget=args.budget, metric=args.metric, max_forgetting=args.max_forgetting,
+                       verdict=args.command == "tune", log=tqdm.write)
+    if summary is None:  # a process other than the main one under `accelerate launch`
+        return
+    metric = summary["metric"]
+    rows = ([r["variant"], f"{r['eval'][metric]:.3f}" if r["eval"][metric] is not None else "–",
+             "✓" if any(c["variant"] == r["variant"] for c in summary["chosen"].values()) else ""] for r in summary["rows"])
+    _print_table(("point", f"eval {metric}", "chosen"), rows, f"{summary['name']}: {summary['budget']} point(s) per strategy, chosen on eval splits")
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    try:
+        return None if text is None else [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def _print_sweep(summary: dict) -> None:
