@@ -122,7 +122,7 @@ if METHODS.keys() != MERGE_METHODS.keys():
     raise ImportError(f"cairn.methods.merge.methods.METHODS {sorted(METHODS)} and cairn.options.MERGE_METHODS {sorted(MERGE_METHODS)} must name the same methods")
 
 
-def _seed_for(seed: int, name: str) -> int:
+def seed_for(seed: int, name: str) -> int:
     """DARE's seed for parameter `name`: different parameters drop independently."""
     import hashlib
 
@@ -134,4 +134,4 @@ def merge_tensor(opts: MergeOptions, name: str, base: np.ndarray, tensors: list[
     (buffers) are taken from the base."""
     if base.dtype.kind != "f":
         return base.copy()
-    return METHODS[opts.method](base, tensors, weights, seed=_seed_for(opts.seed, name), **opts.kwargs())
+    return METHODS[opts.method](base, tensors, weights, seed=seed_for(opts.seed, name), **opts.kwargs())

@@ -3,8 +3,9 @@
 Each input is read lazily (memory-mapped, pages released after use), so memory holds one
 parameter of every input at a time, never whole models. An adapter enters a merge as the full
 model it stands for: its task vector on a module is the exact ΔW = scale · B · A (merging A and
-B separately is a different function). The output is a full HF folder, or a PEFT adapter made by
-truncated SVD of the merged deltas of the linear layers.
+B separately is a different function: `combine: factors`, in `factors.py`, where this hands off).
+The output is a full HF folder, or a PEFT adapter made by truncated SVD of the merged deltas of
+the linear layers.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cairn.errors import ModelError
+from cairn.errors import ConfigError, ModelError
 from cairn.io import atomic_dir
 from cairn.manifest import contribution_manifest, tasks_of
+from cairn.methods.merge.factors import merge_factors
 from cairn.methods.merge.methods import merge_tensor
 from cairn.options import MergeOptions
 from cairn.weights.adapters import AdapterWeights, open_input
@@ -50,6 +52,10 @@ def merge_models(
     weights = list(weights) if weights is not None else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise ModelError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
+    if opts.combine == "factors":
+        if adapter_rank is not None or dtype is not None:
+            raise ConfigError("combine: factors writes an adapter of its inputs' rank, in float32: drop --rank / --as-adapter and dtype")
+        return merge_factors(inputs, out, opts, weights=weights, made_from=made_from)
     start = time.perf_counter()
     base_w = FolderWeights(base)
     sources = [open_input(p, base_w) for p in inputs]
