@@ -67,3 +67,34 @@ def test_merge_strategy_merges_independent_contributions_and_reruns_from_cache(t
     assert len(merged_folders) == 8 and len(evaluations) == scored
     for a, b in zip(merged_folders[:4], merged_folders[4:]):
         assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_a_factors_merge_stage_is_the_base_with_the_merged_adapter_and_records_interference(tmp_path, monkeypatch):
+    import pytest
+    from peft import PeftModel
+
+    import cairn.strategies.merge as strategy
+    from cairn.errors import ConfigError
+    from cairn.methods.merge.interference import interference
+    from cairn.weights.adapters import read_lora
+
+    from cairn.strategies import STRATEGIES
+
+    stages = []
+    monkeypatch.setitem(STRATEGIES, "merge", lambda *a: (stages.append(m) or m for m in strategy.run(*a)))
+    raw = {
+        "name": "factors", "base": "tiny-random", "tasks": code_tasks(tmp_path), "probe": None, "setting": "semi",
+        "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
+        "strategies": [{"name": "peft-ties", "kind": "merge", "method": "ties", "density": 0.2, "combine": "factors"}],
+    }  # fmt: skip
+    run_experiment(parse_config(raw), tmp_path / "run", progress=False, log=lambda *_: None)
+    assert len(stages) == 2 and all(isinstance(m, PeftModel) for m in stages)
+    rows = [json.loads((tmp_path / "run" / "seeds" / "0" / "peft-ties" / f"stage-{s}.json").read_text()) for s in (1, 2)]
+    folders = tmp_path / "run" / "cache" / "contributions"
+    assert [len(r["contributions"]) for r in rows] == [1, 2]
+    assert rows[0]["interference"]["ratio"] == pytest.approx(1.0)  # one contribution is aligned with itself
+    expected = interference([read_lora(folders / name) for name in rows[1]["contributions"]])
+    assert rows[1]["interference"]["ratio"] == pytest.approx(expected["ratio"]) and expected["ratio"] < 1
+    assert set(rows[1]["interference"]["by_layer"]) == set(expected["by_layer"]) and len(expected["by_layer"]) == 14  # 7 linear modules x 2 layers
+    with pytest.raises(ConfigError, match="full fine-tunes"):
+        parse_config(raw | {"train": {"method": "fft", "epochs": 1}})
