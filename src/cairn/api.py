@@ -266,7 +266,7 @@ def merge(inputs: list | None, out: str | Path, *, base: str | None = None, meth
           weights: list[float] | None = None, as_adapter: bool | None = None, adapter_rank: int | None = None, store: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, **options) -> dict:
     """Merge HF folders and/or PEFT adapters of `base` (folders, or IDs in `store`) by `method` and its
-    `MergeOptions` (density, lambda, normalize, seed), or as the mergekit YAML `config` says (then
+    `MergeOptions` (density, lambda, normalize, seed, combine), or as the mergekit YAML `config` says (then
     with no inputs, base, method, weights or options), into `out`; returns the merge's statistics.
     `adapter_rank` (--rank) writes a PEFT adapter of that rank instead of a model (`as_adapter`,
     when given, must say the same). Each input must have been made on the base (its recorded

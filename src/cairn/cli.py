@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector (default 1)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="divide by the summed weights (default: the method's)")
     p.add_argument("--seed", type=int, help="seed of DARE's random drop (default 0)")
+    p.add_argument("--combine", choices=("delta", "factors"), help="delta (default): merge each module's exact ΔW = B·A; factors: merge LoRA adapters' A with A and B with B, as PEFT's add_weighted_adapter (writes an adapter)")
     _add_output(p, "merge", "output folder (HF model, or PEFT adapter with --as-adapter)")
     p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter (truncated SVD of the merged delta)")
     p.add_argument("--rank", type=int, help="rank of the --as-adapter output")
@@ -205,7 +206,7 @@ def _cmd_generate(args) -> None:
 
 def _cmd_merge(args) -> None:
     stats = api.merge(args.inputs, args.out, base=args.base, method=args.method, config=args.config, weights=args.weights, as_adapter=args.as_adapter,
-                      adapter_rank=args.rank, store=args.store, overwrite=args.overwrite, **_given(args, "density", "lambda_", "seed", "normalize"))  # fmt: skip
+                      adapter_rank=args.rank, store=args.store, overwrite=args.overwrite, **_given(args, "density", "lambda_", "seed", "normalize", "combine"))  # fmt: skip
     line = f"merged {len(stats.get('inputs', []))} models ({stats['method']}) in {stats['wall_s']:.1f}s -> {args.out}"
     if "svd" in stats:
         svd = stats["svd"]

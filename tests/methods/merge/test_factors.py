@@ -121,3 +121,15 @@ def test_factors_refuse_full_models_other_methods_and_full_fine_tunes(adapters, 
         MergeOptions(combine="factors").check(TrainConfig(method="fft"))
     MergeOptions(combine="factors").check(TrainConfig(method="lora"))
     assert not (tmp_path / "m").exists()
+
+
+def test_cairn_merge_combine_factors_writes_the_merged_adapter(adapters, tmp_path, capsys):
+    from cairn.cli import main
+
+    args = ["merge", "--method", "ties", "--density", "0.2", "--combine", "factors", "--base", "tiny-random", "--inputs", *map(str, adapters)]
+    assert main([*args, "--out", str(tmp_path / "m")]) == 0
+    manifest = json.loads((tmp_path / "m" / "cairn.json").read_text())
+    assert manifest["merge"]["combination_type"] == "ties" and manifest["merge"]["options"]["combine"] == "factors"
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["r"] == 4
+    assert main([*args, "--out", str(tmp_path / "n"), "--as-adapter", "--rank", "4"]) == 4
+    assert "drop --rank" in capsys.readouterr().err and not (tmp_path / "n").exists()
