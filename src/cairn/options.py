@@ -162,10 +162,12 @@ MIXTRAL_SHARED = ("base", "average")  # where a Mixtral model's attention, norms
 # Default softmax temperatures, per mixture and router, in each router's units. LoRA-MoE's centroid
 # distances (≈ 1 on an expert's own prompts) want nearly hard routing: on the quickstart's 4 packs the
 # countries pack scored 0.48 at T = 0.1, 0.70 at 0.02 and 0.78 at 0.005 (its own adapter: 0.84), the
-# other packs as their own adapters from 0.02 down. Arrow's |cos| failed to separate the packs at 0.1
-# and 0.02 alike. A Mixtral gate's centroid rows are scaled to the centroids' spread, so T = 1 gives
-# an expert top-2 weight ≈ 0.88 at its own centroid (methods/moe/routing.centroid_router).
-TEMPERATURE = {"lora-moe": {"centroid": 0.005, "arrow": 0.1}, "mixtral": {"centroid": 1.0}}
+# other packs as their own adapters from 0.02 down. Arrow (PEFT's) scores the raw |x·vₖ| and takes
+# PEFT's default T = 1; it failed to separate the quickstart packs (their prototypes nearly parallel:
+# mean |cos| 0.74) at every temperature tried. A Mixtral gate's centroid rows are scaled to the
+# centroids' spread, so T = 1 gives an expert top-2 weight ≈ 0.88 at its own centroid
+# (methods/moe/routing.centroid_router).
+TEMPERATURE = {"lora-moe": {"centroid": 0.005, "arrow": 1.0}, "mixtral": {"centroid": 1.0}}
 
 
 class MoeOptions(StrategyOptions):
@@ -175,12 +177,13 @@ class MoeOptions(StrategyOptions):
     top_k: int = Field(2, ge=1, description="experts mixed per prompt (or token)")
     temperature: float | None = Field(None, gt=0, description="softmax temperature of the router scores; default per router (TEMPERATURE)")
     threshold: float = Field(2.0, gt=0, description="centroid: the distance at which the base model ties an expert")
-    granularity: Literal["sequence", "token"] = "sequence"
+    granularity: Literal["sequence", "token"] = Field("sequence", description="route once per prompt or per token; arrow (PEFT's Arrow) routes per token only")
+    general: str | None = Field(None, description="arrow: GenKnowSub's general adapter subtracted from every expert: 'mean' (of the experts) or a LoRA adapter folder")
     router_examples: int = Field(32, ge=1, description="trained: examples drawn from each task")
     router_epochs: int = Field(4, ge=1)
     router_lr: float = Field(1e-2, gt=0)
     balance: float = Field(0.01, ge=0, description="trained: weight of the load-balancing loss")
-    seed: int = Field(0, description="trained and random: seed of the router's initial weights (trained: and of its examples)")
+    seed: int = Field(0, description="trained and random: seed of the router's initial weights (trained: and of its examples); arrow: of PEFT's power iteration")
 
     # The routers that read each option; every other router ignores it, so setting it for one of
     # them is an error rather than a setting silently unused.
@@ -189,11 +192,12 @@ class MoeOptions(StrategyOptions):
         "temperature": ("arrow", "centroid"),  # trained and random routers' logits are used as they are
         "threshold": ("centroid",),
         "granularity": ("arrow", "centroid", "trained", "random"),  # uniform weights do not depend on the input
+        "general": ("arrow",),  # GenKnowSub, as PEFT's Arrow has it
         "router_examples": ("trained",),
         "router_epochs": ("trained",),
         "router_lr": ("trained",),
         "balance": ("trained",),
-        "seed": ("trained", "random"),
+        "seed": ("arrow", "trained", "random"),  # arrow: the start of PEFT's power iteration for the prototypes
     }
 
     @model_validator(mode="after")
@@ -203,6 +207,8 @@ class MoeOptions(StrategyOptions):
         for k in given(self, info):
             if k == "top_k" and self.router == "uniform":
                 problems.append("top_k does not apply to router uniform, which mixes every expert at weight 1/E; drop top_k or choose another router")
+            elif k == "granularity" and self.router == "arrow" and self.granularity == "sequence":
+                problems.append("granularity: sequence does not apply to router arrow: PEFT's Arrow routes each token; drop granularity or set it to token")
             elif self.router not in self.READ_BY.get(k, (self.router,)):
                 by_readers.setdefault(self.READ_BY[k], []).append(k)
         for readers, keys in by_readers.items():
@@ -212,6 +218,8 @@ class MoeOptions(StrategyOptions):
                             f"router{'s read' if len(readers) > 1 else ' reads'} {'them' if many else 'it'}")  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
+        if self.router == "arrow":
+            object.__setattr__(self, "granularity", "token")  # arrow's only granularity, not counted as set
         return self
 
     def check_for_mixtral(self) -> MoeOptions:
