@@ -1,6 +1,8 @@
 """The `moe` strategy: stage s mixes the contributions of tasks 1..s, each trained independently
 from the base (the same contributions `merge` reuses). LoRA contributions become a LoRA-MoE;
-full fine-tunes become a Mixtral model. Semi-collaborative unless the router is `trained`."""
+full fine-tunes become a Mixtral model. Semi-collaborative unless the router is `trained`.
+From the second LoRA stage on, the stage row notes how parallel the experts' arrow prototypes are
+(`prototypes`: methods/moe/diagnostics.prototype_similarity), which bounds what arrow can route."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from cairn.distributed import main_writes
 from cairn.errors import ConfigError
 from cairn.manifest import read_manifest
 from cairn.methods.moe import statistics
+from cairn.methods.moe.diagnostics import prototype_similarity
 from cairn.methods.moe.lora_moe import attach_experts
 from cairn.methods.moe.mixtral import export_mixtral
 from cairn.methods.moe.router_training import train_router
@@ -50,6 +53,8 @@ def run(model, stream, opts: MoeOptions, cfg: TrainConfig, work: Workspace) -> I
         experts.append(work.contribution(model, task, cfg))
         if opts.router == "centroid":
             stats.append(routing_statistics(work, model, experts[-1], task))
+        if len(experts) > 1:
+            work.note(prototypes=prototype_similarity(experts, opts.general))
         mixed = attach_experts(copy.deepcopy(model), experts, opts, stats or None)
         if trained:
             losses = train_router(mixed, work.tokenizer, [*earlier, task], opts, progress=work.progress)

@@ -5,9 +5,10 @@ applied low-rank (two thin matmuls over the stacked A's and B's, never ΔW itsel
 that layer's router. Routers (`MoeOptions.router`; each a class of methods/moe/routing.py):
 
 - `uniform`   every expert at weight 1/E (gateless mixing; `top_k` does not apply);
-- `arrow`     zero-shot from the adapters: expert k's prototype vₖ is the top right-singular
-              vector of its ΔW (from a QR of B and an SVD of the r x in matrix R·A); scores
-              |cos(x, vₖ)| / T, softmax over the top k;
+- `arrow`     PEFT's Arrow (methods/moe/arrow.py), zero-shot from the adapters, per token: expert
+              k's prototype vₖ is the top right-singular vector of its ΔW; a token scores
+              |x·vₖ| / T, softmax over the top k; optionally GenKnowSub (`general`). The mixture
+              is PEFT's model (a PeftModel), not this module's layers;
 - `centroid`  from the routing statistics each contributor ships (methods/moe/statistics.py: mean cₖ
               and per-dimension variance σₖ² of its prompts' inputs to the layer); expert k scores
               −dₖ/T with dₖ(x) = mean over dimensions of (x − cₖ)²/σ̄² (≈ 1 on its own prompts),
@@ -42,6 +43,7 @@ from torch import nn
 from cairn.errors import ModelError
 from cairn.io import atomic_dir, read_json_object
 from cairn.manifest import contribution_manifest, tasks_of
+from cairn.methods.moe.arrow import attach_arrow
 from cairn.methods.moe.statistics import FILE as STATISTICS_FILE
 from cairn.methods.moe.statistics import load as load_statistics
 from cairn.methods.moe.routing import ROUTER_CLASSES, Router, RoutingContext, routers
@@ -49,6 +51,7 @@ from cairn.options import MoeOptions
 from cairn.weights.adapters import read_lora
 
 MANIFEST = "moe.json"
+GENERAL = "general"  # GenKnowSub's general adapter, when one was given
 
 
 class LoraExperts(nn.Module):
@@ -100,7 +103,9 @@ def attach_experts(model, experts: list[Path], opts: MoeOptions, statistics: lis
     """Turn `model` (the base, modified in place) into the LoRA-MoE of the adapters `experts`.
 
     `statistics`: each expert's routing statistics (centroid router; default: read from each
-    adapter folder)."""
+    adapter folder). Router `arrow` returns PEFT's Arrow model instead (methods/moe/arrow.py)."""
+    if opts.router == "arrow":
+        return attach_arrow(model, experts, opts)
     adapters = [_read_adapter(Path(e)) for e in experts]
     if opts.router == "centroid" and statistics is None:
         statistics = [load_statistics(e) for e in experts]
@@ -135,8 +140,9 @@ def attach_experts(model, experts: list[Path], opts: MoeOptions, statistics: lis
 
 def save_moe(model, experts: list[Path], opts: MoeOptions, out: Path, *, made_from: dict, details: dict | None = None) -> dict:
     """A LoRA-MoE folder: `moe.json` (base, options, experts), the expert adapters (with their
-    routing statistics) under `experts/K/`, the routers' tensors in `router.safetensors`, and its
-    manifest (`made_from`: base, base_fingerprint; `details`: e.g. a trained router's losses), which
+    routing statistics) under `experts/K/`, the routers' tensors in `router.safetensors` (none for
+    `arrow`, whose router PEFT rebuilds from the experts), GenKnowSub's general adapter given as a
+    folder under `general/`, and its manifest (`made_from`: base, base_fingerprint; `details`: e.g. a trained router's losses), which
     it returns."""
     from safetensors.torch import save_file
 
@@ -149,8 +155,13 @@ def save_moe(model, experts: list[Path], opts: MoeOptions, out: Path, *, made_fr
                 if (Path(src) / f).is_file():
                     shutil.copy2(Path(src) / f, dst / f)
             names.append(str(src))
-        state = {f"{name}.{k}": v.contiguous() for name, r in routers(model).items() for k, v in r.state_dict().items()}
-        save_file(state, tmp / "router.safetensors", metadata={"format": "pt"})
+        if opts.general not in (None, "mean"):
+            (tmp / GENERAL).mkdir()
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(Path(opts.general) / f, tmp / GENERAL / f)
+        if opts.router != "arrow":
+            state = {f"{name}.{k}": v.contiguous() for name, r in routers(model).items() for k, v in r.state_dict().items()}
+            save_file(state, tmp / "router.safetensors", metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps({"schema": 1, "base": made_from["base"], "options": opts.model_dump(), "experts": names}, indent=2) + "\n")
         mix = {"router": opts.router, "options": opts.model_dump(), "experts": names, **(details or {})}
         return contribution_manifest(tmp, "mix", mix, kind="moe", task=tasks_of(experts), method=f"moe-{opts.router}", made_from=made_from)
@@ -176,7 +187,11 @@ def load_moe(folder: Path, base_model):
     folder = Path(folder)
     _, opts = _info(folder)
     experts = sorted((p for p in (folder / "experts").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    if (folder / GENERAL).is_dir():
+        opts = opts.model_copy(update={"general": str(folder / GENERAL)})
     model = attach_experts(base_model, experts, opts)
+    if opts.router == "arrow":
+        return model
     state = load_file(folder / "router.safetensors")
     for name, r in routers(model).items():
         r.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})

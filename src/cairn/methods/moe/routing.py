@@ -19,13 +19,6 @@ def topk_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
 
 
-def arrow_prototype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The top right-singular vector of ΔW = B·A (unit length, sign arbitrary), from the r x in
-    matrix R·A where B = Q·R: ΔW and R·A share right-singular vectors and singular values."""
-    _, r = torch.linalg.qr(b.double())
-    return torch.linalg.svd(r @ a.double(), full_matrices=False).Vh[0].float()
-
-
 class RoutingContext:
     """What every router of one model shares: the prompt being prefilled, and for the `centroid`
     router the decision its survey of the prompt reached.
@@ -131,18 +124,6 @@ class UniformRouter(Router):
         return x.new_full((*x.shape[:-1], self.n), 1.0 / self.n)
 
 
-class ArrowRouter(Router):
-    """Zero-shot from the adapters: |cos(x, vₖ)| / T over the experts' prototypes, softmax over the top k."""
-
-    @staticmethod
-    def tensors(module, a, b, statistics, experts):
-        return {"prototypes": torch.stack([arrow_prototype(a[k], b[k]) for k in range(a.shape[0])])}
-
-    def weights(self, x: torch.Tensor) -> torch.Tensor:
-        cos = nn.functional.normalize(x, dim=-1) @ self.prototypes.T
-        return topk_weights(cos.abs() / self.temperature, self.top_k)
-
-
 class CentroidRouter(Router):
     """From each contributor's routing statistics: −dₖ/T with the base model as a null expert at
     −`threshold`/T; routing by prompt, it routes by the survey's distances averaged over layers."""
@@ -188,16 +169,16 @@ class LinearRouter(Router):
         return topk_weights(self.logits, self.top_k)
 
 
-# MoeOptions.router -> its class (cairn.options.ROUTERS names them).
+# MoeOptions.router -> its class (cairn.options.ROUTERS names them, and `arrow`: PEFT's, methods/moe/arrow.py).
+PEFT_ROUTERS = ("arrow",)
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "uniform": UniformRouter,
-    "arrow": ArrowRouter,
     "centroid": CentroidRouter,
     "trained": LinearRouter,
     "random": LinearRouter,
 }
-if ROUTER_CLASSES.keys() != set(ROUTERS):
-    raise ImportError(f"cairn.methods.moe.routing.ROUTER_CLASSES {sorted(ROUTER_CLASSES)} and cairn.options.ROUTERS {sorted(ROUTERS)} must name the same routers")
+if ROUTER_CLASSES.keys() | set(PEFT_ROUTERS) != set(ROUTERS):
+    raise ImportError(f"cairn.methods.moe.routing.ROUTER_CLASSES {sorted(ROUTER_CLASSES)} and PEFT_ROUTERS {PEFT_ROUTERS} must name cairn.options.ROUTERS {sorted(ROUTERS)}")
 
 
 def routers(model) -> dict[str, Router]:
