@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="experts mixed per prompt (default 2; not for the uniform router, which mixes all)")
     p.add_argument("--temperature", type=float, help=f"softmax temperature of the router scores (default: {temperatures})")
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
-    p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token")
+    p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token (arrow: per token only)")
+    p.add_argument("--general", help="arrow: GenKnowSub's general adapter subtracted from every expert: 'mean' (of the inputs) or an adapter folder")
     p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
     p.add_argument("--shared", choices=MIXTRAL_SHARED, default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
     _add_output(p, "mix", "output folder (loads with cairn eval / cairn generate)")
@@ -216,7 +217,7 @@ def _cmd_merge(args) -> None:
 
 def _cmd_mix(args) -> None:
     out = api.mix(args.inputs, args.out, base=args.base, router=args.router, tasks=args.tasks, shared=args.shared, store=args.store, overwrite=args.overwrite,
-                  **_given(args, "top_k", "temperature", "threshold", "granularity"))  # fmt: skip
+                  **_given(args, "top_k", "temperature", "threshold", "granularity", "general"))  # fmt: skip
     what = "adapters into a LoRA-MoE" if (out / "moe.json").is_file() else "full fine-tunes into a Mixtral model"
     print(f"mixed {len(args.inputs)} {what} (router {args.router}) -> {out}")
 

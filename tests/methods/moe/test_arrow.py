@@ -110,3 +110,16 @@ def test_arrow_routes_per_token_whether_or_not_granularity_is_given():
     assert MoeOptions(router="arrow").granularity == "token" == MoeOptions(router="arrow", granularity="token").granularity
     saved = MoeOptions(router="arrow", general="mean").model_dump()
     assert MoeOptions(**saved) == MoeOptions(router="arrow", general="mean")  # as load_moe reads moe.json
+
+
+def test_cli_mix_with_arrow_takes_general_and_refuses_sequence_routing(three_experts, tmp_path, capsys):
+    import json
+
+    from cairn.cli import main
+
+    folders, _ = three_experts
+    args = ["mix", "--base", "tiny-random", "--inputs", *map(str, folders), "--router", "arrow"]
+    assert main([*args, "--general", "mean", "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "moe.json").read_text())["options"]["general"] == "mean"
+    assert main([*args, "--granularity", "sequence", "--out", str(tmp_path / "m2")]) == 4
+    assert "granularity: sequence does not apply to router arrow" in capsys.readouterr().err

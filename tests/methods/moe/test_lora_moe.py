@@ -203,6 +203,8 @@ def test_moe_strategy_reuses_the_merge_contributions_and_ships_their_statistics(
     assert len(contributions) == 2  # one per task, shared by moe and merge
     assert all((c / centroids.FILE).is_file() for c in contributions)
     assert len(results["strategies"]["moe"]["R"]) == 3 and results["strategies"]["moe"]["summary"]["new"] is not None
+    stages = [json.loads((tmp_path / "run" / "seeds" / "0" / "moe" / f"stage-{s}.json").read_text()) for s in (1, 2)]
+    assert "prototypes" not in stages[0] and 0 <= stages[1]["prototypes"]["mean_abs_cos"] <= 1  # one pair of experts from stage 2
 
 
 def test_a_contribution_without_statistics_gets_them_from_its_task_once(tmp_path, tiny):
