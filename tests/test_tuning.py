@@ -123,3 +123,25 @@ def test_cairn_frontier_writes_the_frontier_without_a_verdict_and_refuses_bad_op
     assert not (tmp_path / "out" / "results.json").exists()  # the frontier alone runs no verdict
     assert main(["tune", str(path), "--budget", "3"]) == 4  # a config error; grids of 2 points cannot fill a budget of 3
     assert "budget 3" in capsys.readouterr().err
+
+
+def test_a_merge_stage_records_its_newest_contribution_alone(config, tmp_path):
+    from cairn.experiment import run_experiment
+
+    cfg = parse_config({**config, "tune": None, "strategies": [config["strategies"][1]], "train": {**config["train"], "lr": 1e-2}})
+    results = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    stages = results["strategies"]["avg"]["stages"]
+    assert [len(s["contributions"]) for s in stages] == [1, 2]
+    assert stages[0]["alone"] == results["strategies"]["avg"]["R"][1][0]  # stage 1 is its contribution alone
+    assert 0.0 <= stages[1]["alone"] <= 1.0
+
+
+def test_a_mixture_stage_records_its_routing_accuracy_and_prototype_similarity(config, tmp_path):
+    from cairn.experiment import run_experiment
+
+    strategy = {"name": "mix", "kind": "moe", "router": "centroid"}
+    cfg = parse_config({**config, "tune": None, "strategies": [strategy], "train": {**config["train"], "lr": 1e-2}})
+    stages = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)["strategies"]["mix"]["stages"]
+    assert "routing_accuracy" not in stages[0]  # one expert: nothing to route between
+    assert len(stages[1]["routing_accuracy"]) == 2 and all(0.0 <= a <= 1.0 for a in stages[1]["routing_accuracy"])
+    assert 0.0 <= stages[1]["prototypes"]["mean_abs_cos"] <= 1.0 and "alone" in stages[1]

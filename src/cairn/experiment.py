@@ -26,6 +26,7 @@ from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
 from cairn.io import atomic_write_json
 from cairn.manifest import MANIFEST, read_manifest
+from cairn.methods.moe.diagnostics import routing_accuracy
 from cairn.models import fingerprint, load_model
 from cairn.options import TrainConfig
 from cairn.report import build_results
@@ -199,6 +200,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
                     row_e, g_e = _score_eval(work, model, tasks, probe)
                     E[0].append(row_e)
                     E[1].append(g_e)
+                if "contributions" in work.notes:  # a merge or mixture: its newest contribution alone, the upper bound it is read against
+                    work.note(alone=work.alone(base, work.notes["contributions"][-1], tasks[s - 1]))
+                if spec.kind == "moe" and train_cfg.method == "lora" and s > 1:  # does each task's prompts reach its own expert?
+                    work.note(routing_accuracy=[round(x, 3) for x in routing_accuracy(model, tokenizer, [[ex.prompt for ex in t.test] for t in tasks[:s]])])
                 notes.append(dict(work.notes))
                 work.notes.clear()
                 atomic_write_json(out / "seeds" / str(seed) / spec.name / f"stage-{s}.json", {"R": row, "G": g, **({"probes": extra} if extra else {}), **notes[-1]})

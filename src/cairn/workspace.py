@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -110,12 +111,27 @@ class Workspace:
         return PeftModel.from_pretrained(model, str(folder)).eval()
 
     def evaluate(self, model, model_fp: str, task: Task, split: str = "test") -> EvalResult:
+        """`model` (or a callable that builds it, called only when the score is not cached) scored
+        on `task`'s split, cached by the model's fingerprint, the task's data and metric."""
         path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, split)}.json"
         if path.is_file():
             return EvalResult(**json.loads(path.read_text()))
+        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
         result = evaluate_task(model, self.tokenizer, task, split=split, progress=self.progress)
         atomic_write_json(path, result.to_dict())
         return result
+
+    def alone(self, base, name: str, task: Task) -> float:
+        """The test score on `task` of the contribution `name` (a folder under contributions/)
+        alone on `base`: the upper bound a merge or mixture of it is read against."""
+        folder = self.root / "contributions" / name
+
+        def build():
+            if (folder / "adapter_config.json").is_file():
+                return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+            return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+        return self.evaluate(build, f"contribution {name}", task).score
 
     def cost(self) -> dict:
         """Training cost of the contributions this run used (reused ones count what they cost, a

@@ -53,6 +53,7 @@ def run(model, stream, opts: MoeOptions, cfg: TrainConfig, work: Workspace) -> I
         experts.append(work.contribution(model, task, cfg))
         if opts.router == "centroid":
             stats.append(routing_statistics(work, model, experts[-1], task))
+        work.note(contributions=[e.name for e in experts])
         if len(experts) > 1:
             work.note(prototypes=prototype_similarity(experts, opts.general))
         mixed = attach_experts(copy.deepcopy(model), experts, opts, stats or None)
@@ -69,6 +70,7 @@ def _mixtral(model, stream, opts: MoeOptions, cfg: TrainConfig, work: Workspace)
     experts = []
     for task in stream:
         experts.append(work.contribution(model, task, cfg))
+        work.note(contributions=[e.name for e in experts])
         if opts.router == "centroid" and not (experts[-1] / statistics.FILE).is_file():
             raise ConfigError(f"{experts[-1]} has no routing statistics; retrain it with this version of Cairn")
         out = work.folder("mixtral", [e.name for e in experts], opts.model_dump())
