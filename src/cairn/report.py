@@ -38,6 +38,8 @@ def _strategy_entry(by_seed: dict[int, dict]) -> dict:
     }
     if "probes" in seeds[0]:  # further probes, each per stage, averaged over seeds like G
         entry["probes"] = {name: [sum(v) / len(v) for v in zip(*[s["probes"][name][:depth] for s in scored])] for name in seeds[0]["probes"]}
+    if len(seeds) == 1:  # what several seeds keep per seed: the eval-split scores tuning chooses on, the stages' notes
+        entry.update({k: seeds[0][k] for k in ("eval", "stages") if k in seeds[0]})
     if len(seeds) > 1:
         entry["seeds"] = {str(seed): run for seed, run in by_seed.items()}
         entry["aggregate"] = {part: {k: mean_ci([s[part][k] for s in done]) for k in SUMMARY_KEYS} for part in ("summary", "final")}
