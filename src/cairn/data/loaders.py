@@ -70,12 +70,14 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
 
 
 def load_probe(name: str) -> Task:
-    """A built-in probe set as a Task whose test split holds every question (metric `exact`)."""
+    """A built-in probe set as a Task (metric `exact`) in two halves: the odd-numbered questions are
+    its eval split, which tuning chooses on, the even-numbered ones (the first, third, ...) its test
+    split, which scores; interleaving keeps each kind of question in both halves."""
     if name not in PROBES:
         raise DataError(f"unknown probe set {name!r}; available: {', '.join(PROBES)}")
     with resources.as_file(resources.files("cairn.data") / "probes" / PROBES[name]) as path:
         examples = read_examples(path)
-    return Task(f"probe:{name}", "exact", {"test": examples})
+    return Task(f"probe:{name}", "exact", {"eval": examples[1::2], "test": examples[::2]})
 
 
 def _load_pack(source: str) -> Task:
