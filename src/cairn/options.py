@@ -92,7 +92,8 @@ class JointOptions(StrategyOptions):
 class OLoRAOptions(StrategyOptions):
     methods: ClassVar[tuple[str, ...]] = ("lora",)
 
-    lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term sum|A_new A_prevᵀ|")
+    lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term: the mean over modules of mean|A_new A_prevᵀ| (raw: the sum of sums)")
+    raw: bool = Field(False, description="the study's unnormalised orthogonality term, Σ_modules sum|A_new A_prevᵀ|, whose scale grows with the model")
     lambda2: float = Field(0.0, ge=0, description="weight of the L2 norm of the new adapter's parameters")
 
 

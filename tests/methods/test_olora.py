@@ -42,7 +42,9 @@ def test_orthogonality_loss_matches_the_direct_formula():
         for i in range(new.shape[0])
         for j in range(prev.shape[0])
     )
-    assert orthogonality_loss(a_new, a_prev).item() == pytest.approx(float(direct), rel=1e-5)
+    assert orthogonality_loss(a_new, a_prev, raw=True).item() == pytest.approx(float(direct), rel=1e-5)  # the study's sum
+    per_module = [(new @ prev.T).abs().mean() for new, prev in zip(a_new, a_prev)]
+    assert orthogonality_loss(a_new, a_prev).item() == pytest.approx(float(sum(per_module) / 2), rel=1e-5)
     eye = torch.eye(4)
     assert orthogonality_loss([eye[:2]], [eye[2:]]).item() == 0.0
     assert orthogonality_loss([], []).item() == 0.0
@@ -78,11 +80,25 @@ def test_the_saved_stacked_adapter_loads_and_equals_the_two_adapter_model(tiny, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_normalised_orthogonality_term_does_not_grow_with_the_number_of_modules_or_the_rank():
+    g = torch.Generator().manual_seed(1)
+    new, prev = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    one = orthogonality_loss([new], [prev]).item()
+    assert orthogonality_loss([new] * 30, [prev] * 30).item() == pytest.approx(one, rel=1e-6)
+    assert orthogonality_loss([new] * 30, [prev] * 30, raw=True).item() == pytest.approx(30 * orthogonality_loss([new], [prev], raw=True).item(), rel=1e-6)
+    assert orthogonality_loss([torch.cat([new, new])], [prev]).item() == pytest.approx(one, rel=1e-6)  # twice the rows, the same mean
+
+
+def test_a_stage_trained_with_the_penalty_records_its_ratio_to_the_task_loss(tiny, tmp_path):
+    work, _ = run_olora(tiny, tmp_path / "ratio", OLoRAOptions(lambda1=1.0))
+    assert work.notes["penalty_ratio"] > 0
+
+
 def overlap(folder, r: int) -> float:
     """sum |A_2 A_1ᵀ| over modules, read from the stacked adapter of two rank-r stages."""
     state = load_file(folder / "adapter_model.safetensors")
     a = [t for k, t in state.items() if "lora_A" in k]
-    return orthogonality_loss([t[r:] for t in a], [t[:r] for t in a]).item()
+    return orthogonality_loss([t[r:] for t in a], [t[:r] for t in a], raw=True).item()
 
 
 def test_the_orthogonality_term_reduces_the_overlap_with_earlier_stages(tiny, tmp_path):

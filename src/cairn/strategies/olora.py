@@ -42,18 +42,22 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work: Workspace)
 
         def run() -> TrainResult:
             staged = stage_model(base, prev, cfg, cfg.seed + s)
+            extra = penalty(staged, opts)
             result = train(
                 staged,
                 work.tokenizer,
                 task.train,
                 cfg,
-                extra_loss=penalty(staged, opts),
+                extra_loss=extra,
                 trainable=lambda name: f".{NEW}." in name,  # earlier stages stay frozen
                 progress=work.progress,
                 desc=f"olora on {task.name}",
                 checkpoint_dir=work.checkpoints(folder),
             )
             result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
+            if extra.values and result.losses:  # the losses include the penalty
+                mean_penalty, mean_loss = sum(extra.values) / len(extra.values), sum(result.losses) / len(result.losses)
+                work.note(penalty_ratio=round(mean_penalty / max(mean_loss - mean_penalty, 1e-12), 4))
             return result
 
         result = work.trained(folder, task, cfg, run, base_fp)
