@@ -35,3 +35,29 @@ def test_the_summary_explains_the_cost_as_sums_over_stages_and_the_memory_as_eac
     assert "fwt = R[s−1][s] − R[0][s] (s ≥ 2)" in text
     html = (tmp_path / "report.html").read_text()
     assert "<th>train peak +MB (max)</th>" in html and "summed over all its stages" in " ".join(html.split())
+
+
+def seeded(scores: dict[str, list[float]]) -> dict:
+    """A results dict whose strategies scored `scores` (op at the last stage), one value per seed."""
+    def entry(values):
+        runs = {str(i): {"final": {"op": v}, "cost": {"train_wall_s": 1.0}} for i, v in enumerate(values)}
+        return {"final": {"op": sum(values) / len(values)}, "cost": {"train_wall_s": 1.0}, **({"seeds": runs} if len(values) > 1 else {})}
+
+    return {"config": {"setting": "full"}, "strategies": {name: entry(v) for name, v in scores.items()}}
+
+
+def test_the_ranking_groups_the_strategies_not_significantly_different_from_the_best():
+    from cairn.report import rank, recommendation
+
+    ranking = rank(seeded({"a": [0.50, 0.52, 0.48], "b": [0.90, 0.91, 0.89], "c": [0.88, 0.93, 0.86]}))
+    assert [r["strategy"] for r in ranking] == ["b", "c", "a"]
+    assert ranking[1]["tied"] and not ranking[2]["tied"] and ranking[2]["p"] < 0.05
+    sentence = recommendation(ranking)
+    assert sentence.startswith("With 3 seeds, b has the highest op (0.900 ± 0.025)") and "c (p = " in sentence and "not significantly different" in sentence
+
+
+def test_with_one_seed_the_recommendation_says_no_difference_can_be_called_significant():
+    from cairn.report import rank, recommendation
+
+    ranking = rank(seeded({"a": [0.5], "b": [0.9]}))
+    assert ranking[1]["tied"] is None and "no difference can be called significant" in recommendation(ranking)

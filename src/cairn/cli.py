@@ -270,12 +270,12 @@ def _seeds(text: str | None) -> list[int] | None:
 def _print_sweep(summary: dict) -> None:
     from rich.table import Column
 
-    from cairn.report import HEADLINE
+    from cairn.report import CHANGES, HEADLINE
     from cairn.sweep import format_stat
 
     runs = len(summary["seeds"]) * len(summary["orders"])
     header = (Column("variant", no_wrap=True), "runs", *HEADLINE)  # the names tell the grid points apart: never cut them
-    rows = ([row["variant"], str(row["runs"]), *[format_stat(row["final"][k]) for k in HEADLINE]] for row in summary["rows"])
+    rows = ([row["variant"], str(row["runs"]), *[format_stat(row["final"][k], k in CHANGES) for k in HEADLINE]] for row in summary["rows"])
     _print_table(header, rows, f"{summary['name']} sweep: at the last stage, mean ± 95% CI over {runs} run(s)")
 
 

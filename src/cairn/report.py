@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import math
 import html
 import io
 from pathlib import Path
@@ -53,13 +55,18 @@ def build_results(cfg, task_names: list[str], runs: dict[str, dict[int, dict]]) 
     """The versioned results dict: per strategy, seed-mean R and G, summaries and costs; with
     several seeds also every seed's values and the mean with a 95% confidence interval."""
     strategies = {name: _strategy_entry(by_seed) for name, by_seed in runs.items()}
-    return {"schema": SCHEMA, "config": cfg.model_dump(mode="json"), "tasks": task_names, "seeds": list(cfg.seeds), "strategies": strategies}
+    return {"schema": SCHEMA, "config": cfg.model_dump(mode="json"), "tasks": task_names, "seeds": list(cfg.seeds), "strategies": strategies,
+            "date": datetime.date.today().isoformat()}
 
 
-def _fmt(x, ci=None) -> str:
+CHANGES = ("old_change", "bwt", "fwt")  # differences, zero is no change: printed with a sign; scores without
+
+
+def _fmt(x, ci=None, signed: bool = True) -> str:
     if x is None:
         return "–"
-    return f"{x:+.3f}" if ci is None else f"{x:+.3f} ± {ci:.3f}"
+    text = f"{x:+.3f}" if signed else f"{x:.3f}"
+    return text if ci is None else f"{text} ± {ci:.3f}"
 
 
 def all_diverged(results: dict, name: str) -> bool:
@@ -82,7 +89,7 @@ def summary_rows(results: dict, part: str = "summary") -> list[list[str]]:
     rows = []
     for name, s in results["strategies"].items():
         agg = s.get("aggregate", {}).get(part)
-        cells = [_fmt(agg[k]["mean"], agg[k]["ci95"]) if agg else _fmt(s[part][k]) for k in HEADLINE]
+        cells = [_fmt(agg[k]["mean"], agg[k]["ci95"], k in CHANGES) if agg else _fmt(s[part][k], signed=k in CHANGES) for k in HEADLINE]
         label, note = name, divergence_note(results, name)
         if all_diverged(results, name):
             cells = [note] + [""] * (len(HEADLINE) - 1)
@@ -98,8 +105,93 @@ def summary_rows(results: dict, part: str = "summary") -> list[list[str]]:
 SUMMARY_HEADER = ["strategy", *HEADLINE, "train s (all stages)", "tokens (all stages)", "trainable (max)", "train peak +MB (max)", "disk MB (all)"]
 
 
+ALPHA = 0.05  # the ranking's significance level (Welch's t-test over seeds)
+
+
+def _seed_values(entry: dict, metric: str) -> list[float]:
+    runs = list(entry["seeds"].values()) if "seeds" in entry else [entry]
+    return [r["final"][metric] for r in runs if "diverged" not in r and r.get("final") and r["final"].get(metric) is not None]
+
+
+def rank(results: dict, metric: str = "op") -> list[dict]:
+    """The strategies by their mean `metric` at the last stage, best first, each with its 95% CI,
+    its tuning cost where it was tuned, and (with two seeds or more) Welch's p against the best;
+    `tied` marks the group not significantly different from the best at ALPHA."""
+    rows = []
+    for name, entry in results["strategies"].items():
+        values = _seed_values(entry, metric)
+        if values:
+            rows.append({"strategy": name, "values": values, **mean_ci(values), "train_s": entry["cost"]["train_wall_s"], "tuning": entry.get("tuning")})
+    rows.sort(key=lambda r: r["mean"], reverse=True)
+    for r in rows:
+        best = rows[0]["values"]
+        if r is rows[0]:
+            r.update(p=None, tied=True)
+        elif len(best) < 2 or len(r["values"]) < 2:
+            r.update(p=None, tied=None)  # one seed: no significance can be claimed
+        else:
+            from scipy.stats import ttest_ind
+
+            p = float(ttest_ind(best, r["values"], equal_var=False).pvalue)
+            p = 1.0 if math.isnan(p) else p  # identical constant scores
+            r.update(p=round(p, 4), tied=p >= ALPHA)
+    return rows
+
+
+def recommendation(ranking: list[dict], metric: str = "op") -> str:
+    """One sentence: the best strategy, its CI, and which others it cannot be told from."""
+    if not ranking:
+        return "No strategy finished, so there is nothing to recommend."
+    best, n = ranking[0], len(ranking[0]["values"])
+    ci = f" ± {best['ci95']:.3f}" if best["ci95"] is not None else ""
+    head = f"With {n} seed{'s' if n > 1 else ''}, {best['strategy']} has the highest {metric} ({best['mean']:.3f}{ci})"
+    if len(ranking) == 1:
+        return head + "."
+    if n < 2:
+        return head + f"; with one seed no difference can be called significant: run more seeds (`seeds: [0, 1, 2]`) before trusting this ranking."
+    tied = [r for r in ranking[1:] if r["tied"]]
+    if not tied:
+        return head + f", significantly above every other strategy (Welch's t-test, p < {ALPHA}): use it."
+    names = ", ".join(f"{r['strategy']} (p = {r['p']:.2f})" for r in tied)
+    return head + f"; {names} {'is' if len(tied) == 1 else 'are'} not significantly different at α = {ALPHA}: any of them is a defensible choice, and more seeds would separate them."
+
+
+def ranking_markdown(results: dict, metric: str = "op") -> list[str]:
+    """The ranking section of summary.md: one table per setting (a results dict holds one)."""
+    ranking = rank(results, metric)
+    setting = results["config"].get("setting", "full")
+    tuned = any(r["tuning"] for r in ranking)
+    out = [f"## Ranking ({setting} setting, by {metric} at the last stage)", "",
+           "| rank | strategy | " + metric + " (mean ± 95% CI) | p vs best | same group as the best | train s |" + (" tuning s |" if tuned else ""),
+           "|" + "---|" * (6 + tuned)]
+    for i, r in enumerate(ranking, 1):
+        ci = f" ± {r['ci95']:.3f}" if r["ci95"] is not None else ""
+        group = {True: "yes", False: "no", None: "– (one seed)"}[r["tied"]]
+        cells = [str(i), r["strategy"], f"{r['mean']:.3f}{ci}", "–" if r["p"] is None else f"{r['p']:.3f}", group, f"{r['train_s']:.0f}"]
+        if tuned:
+            cells.append(f"{r['tuning']['train_wall_s']:.0f}" if r["tuning"] else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "**Recommendation.** " + recommendation(ranking, metric), ""]
+    return out
+
+
+def matrices_markdown(results: dict) -> list[str]:
+    """Each strategy's score matrix R (rows: after stage s; columns: tasks) and G, mean over seeds."""
+    out = ["## Score matrices (mean over seeds)", ""]
+    for name, entry in results["strategies"].items():
+        out += [f"### {name}", "", "| after stage | " + " | ".join(results["tasks"]) + (" | G |" if entry["G"] else " |"), "|" + "---|" * (len(results["tasks"]) + 1 + bool(entry["G"]))]
+        for s, row in enumerate(entry["R"]):
+            cells = [f"{x:.3f}" for x in row] + ([f"{entry['G'][s]:.3f}"] if entry["G"] else [])
+            out.append(f"| {'base' if s == 0 else s} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def _markdown(results: dict) -> str:
-    out = [f"# {results['config']['name']}", "", f"Tasks, in stream order: {', '.join(results['tasks'])}. Seeds: {results['seeds']}.", ""]
+    cfg = results["config"]
+    out = [f"# {cfg['name']}", "", f"Tasks, in stream order: {', '.join(results['tasks'])}. Seeds: {results['seeds']}.",
+           f"Base model: {cfg['base']}. Training defaults: {cfg.get('train') or 'the defaults'}"
+           + "".join(f"; {s['name']}: {s['train']}" for s in cfg["strategies"] if s.get("train")) + f". Run on {results.get('date', 'an unrecorded date')}.", ""]
     for part, title in (("summary", "Averaged over stages"), ("final", "At the last stage")):
         out += [f"## {title}", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
         out += ["| " + " | ".join(r) + " |" for r in summary_rows(results, part)]
@@ -117,12 +209,21 @@ def _markdown(results: dict) -> str:
         out += ["## Diverged", "", "Training hit a NaN or infinite loss; these runs are left out of the tables' metrics.", ""]
         out += [f"- {name}, seed {seed}, stage {d['stage']}: {d['message']}" for name, seed, d in diverged]
         out.append("")
-    out += ["new = R[s][s]; retained = mean over j<s of R[s][j]; old_change = G[s] − G[0]; op = mean over j≤s of R[s][j];",
-            "bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s] (s ≥ 2). Cost of a strategy (with seeds, their mean):",
-            "train s and tokens summed over all its stages' trainings (a reused contribution counts what it cost); trainable, the",
-            "most parameters one of its trainings trained; train peak +MB, the largest rise of resident memory during one of its",
-            "trainings over the memory held when that training began; disk MB, the size of all its contributions.", ""]
+    out += matrices_markdown(results)
+    out += [DEFINITIONS, ""]
+    out += ranking_markdown(results, _ranked_by(results))
     return "\n".join(out)
+
+
+def _ranked_by(results: dict) -> str:
+    return (results.get("tuning") or {}).get("metric", "op")
+
+
+DEFINITIONS = """new = R[s][s]; retained = mean over j<s of R[s][j]; old_change = G[s] − G[0]; op = mean over j≤s of R[s][j];
+bwt = mean over j<s of R[s][j] − R[j][j]; fwt = R[s−1][s] − R[0][s] (s ≥ 2). Cost of a strategy (with seeds, their mean):
+train s and tokens summed over all its stages' trainings (a reused contribution counts what it cost); trainable, the
+most parameters one of its trainings trained; train peak +MB, the largest rise of resident memory during one of its
+trainings over the memory held when that training began; disk MB, the size of all its contributions."""
 
 
 def _csv(results: dict, name: str) -> str:
@@ -224,7 +325,8 @@ def _html(results: dict, images: list[str], markdown: str) -> str:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>Cairn: {name}</h1><p>Tasks in stream order: {html.escape(', '.join(results['tasks']))}. Seeds: {results['seeds']}.</p>
 <h2>Averaged over stages</h2>{table('summary')}<h2>At the last stage</h2>{table('final')}
-{imgs}<h2>Definitions</h2><pre>{html.escape(markdown.split(chr(10) + chr(10))[-1])}</pre></body></html>
+{imgs}<h2>Ranking</h2><pre>{html.escape(chr(10).join(ranking_markdown(results, _ranked_by(results))[2:]))}</pre>
+<h2>Definitions</h2><pre>{html.escape(DEFINITIONS)}</pre></body></html>
 """
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from cairn.config import ExperimentConfig, SweepSpec, experiments
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci
 from cairn.experiment import run_experiment
-from cairn.report import HEADLINE, save_png, write_report
+from cairn.report import CHANGES, HEADLINE, save_png, write_report
 from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
@@ -48,10 +48,11 @@ def aggregate(results: list[dict], points: list[tuple[str, str, dict]]) -> list[
     return rows
 
 
-def format_stat(stat: dict) -> str:
+def format_stat(stat: dict, signed: bool = False) -> str:
+    """Mean ± CI; a change (old_change, bwt, fwt) with its sign, a score without."""
     if stat["mean"] is None:
         return "–"
-    return f"{stat['mean']:+.3f}" + (f" ± {stat['ci95']:.3f}" if stat["ci95"] is not None else "")
+    return (f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}") + (f" ± {stat['ci95']:.3f}" if stat["ci95"] is not None else "")
 
 
 def markdown(sweep: dict) -> str:
@@ -63,7 +64,7 @@ def markdown(sweep: dict) -> str:
     for part, title in (("summary", "averaged over stages"), ("final", "at the last stage")):
         out += [f"## Mean ± 95% CI over {n} run(s), {title}", "", "| variant | runs | " + " | ".join(HEADLINE) + " | train s |", "|" + "---|" * (len(HEADLINE) + 3)]
         for row in sweep["rows"]:
-            cells = [format_stat(row[part][k]) for k in HEADLINE]
+            cells = [format_stat(row[part][k], k in CHANGES) for k in HEADLINE]
             out.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + f" | {row['train_wall_s']['mean'] or 0:.0f} |")
         out.append("")
     if len(sweep["orders"]) > 1:
