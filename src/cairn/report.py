@@ -281,20 +281,35 @@ def _plots(results: dict, out: Path) -> list[str]:
     axes[0].legend()
     files.append(save_png(fig, out / "knowledge_per_stage.png"))
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(HEADLINE)), 3.8))
+    # Scores (higher is better, 0..1) and changes (0 is no change) on separate, labelled axes; a 0
+    # is drawn as a marker at 0 (a bar of height 0 is invisible) and a missing value as "n/a".
     names = [name for name in names if not all_diverged(results, name)]  # no summary to draw
+    groups = (([k for k in HEADLINE if k not in CHANGES], "score at the last stage (higher is better)"),
+              ([k for k in HEADLINE if k in CHANGES], "change at the last stage (0: no change)"))
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.4 * len(HEADLINE) * max(len(names), 1) ** 0.5 + 4), 3.8),
+                             width_ratios=[len(g[0]) for g in groups], layout="constrained")
     width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
-        s = results["strategies"][name]
-        agg = s.get("aggregate", {}).get("final")
-        vals = [s["final"][k] or 0.0 for k in HEADLINE]
-        errs = [agg[k]["ci95"] or 0.0 for k in HEADLINE] if agg else None
-        ax.bar([j + i * width for j in range(len(HEADLINE))], vals, width, yerr=errs, label=name, capsize=3)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(HEADLINE))], HEADLINE)
-    ax.set_title("final stage summary")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-    ax.grid(axis="y", alpha=0.3)
+    for ax, (keys, label) in zip(axes, groups):
+        for i, name in enumerate(names):
+            s_ = results["strategies"][name]
+            agg = s_.get("aggregate", {}).get("final")
+            xs = [j + i * width for j in range(len(keys))]
+            vals = [s_["final"][k] for k in keys]
+            errs = [(agg[k]["ci95"] or 0.0) if agg else 0.0 for k in keys]
+            bars = ax.bar(xs, [v or 0.0 for v in vals], width, yerr=errs, label=name, capsize=3, color=f"C{i % 10}")
+            for x, v, bar in zip(xs, vals, bars):
+                if v is None:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
+                elif v == 0:
+                    ax.plot(x, 0, marker="_", ms=12, mew=2.5, color=bar.get_facecolor())
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))], keys)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylim(0, 1.05)
+    axes[1].margins(y=0.15)  # room around 0, where a zero is marked
+    fig.suptitle("final stage summary (a zero is a flat mark, n/a a missing value)")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     files.append(save_png(fig, out / "summary_final.png"))
     return files
 
