@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cairn.data import Task, load_task
 from cairn.data.chat import as_chat
-from cairn.data.task import METRICS
+from cairn.data.task import EXTRACTIONS, METRICS
 from cairn.errors import ConfigError
 from cairn.io import read_yaml
 from cairn.options import DEFAULT_BASE, STRATEGY_OPTIONS, StrategyOptions, TrainConfig
@@ -31,6 +31,7 @@ class TaskSpec(Strict):
     source: str
     metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
     name: str | None = None
+    extract: Literal[EXTRACTIONS] | None = None  # type: ignore[valid-type]  # what of a generation the metric judges (docs/report.md); default: the task's own (full)
     chat_template: bool | None = None  # wrap prompts in the model's chat template; default: the experiment's
     limit: dict[Literal["train", "eval", "test"], Annotated[int, Field(ge=1)]] | None = None  # at most N examples of a split (a seeded sample)
 
@@ -211,11 +212,13 @@ class ExperimentConfig(Strict):
             source = str(Path(self.data_dir) / source)
         task = load_task(source, metric=spec.metric, name=spec.name)
         if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
-            if spec.limit:
-                raise ConfigError(f"{spec.source}: an lm-eval probe runs lm-eval's own task; it takes no limit")
+            if spec.limit or spec.extract:
+                raise ConfigError(f"{spec.source}: an lm-eval probe runs lm-eval's own task; it takes no {'limit' if spec.limit else 'extract'}")
             return task
         if spec.limit:
             task = task.limited(spec.limit)
+        if spec.extract:
+            task.extract = spec.extract
         chat = self.chat_template if spec.chat_template is None else spec.chat_template
         return as_chat(task, tokenizer) if chat and tokenizer is not None else task
 

@@ -113,7 +113,9 @@ class Workspace:
     def evaluate(self, model, model_fp: str, task: Task, split: str = "test") -> EvalResult:
         """`model` (or a callable that builds it, called only when the score is not cached) scored
         on `task`'s split, cached by the model's fingerprint, the task's data and metric."""
-        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), task.metric, split)}.json"
+        extract = getattr(task, "extract", "full")  # an lm-eval probe extracts as its own task says
+        metric = task.metric if extract == "full" else f"{task.metric}/{extract}"  # "full" keeps the keys of earlier caches
+        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), metric, split)}.json"
         if path.is_file():
             return EvalResult(**json.loads(path.read_text()))
         model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model

@@ -19,4 +19,4 @@ def as_chat(task: Task, tokenizer) -> Task:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"task {task.name!r}: chat_template is on, but the model's tokenizer has no chat template; turn it off for this model")
     splits = {name: [Example(chat_prompt(tokenizer, ex.prompt), ex.answer) for ex in examples] for name, examples in task.splits.items()}
-    return Task(task.name, task.metric, splits)
+    return Task(task.name, task.metric, splits, task.extract)

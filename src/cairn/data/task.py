@@ -10,6 +10,7 @@ from cairn.errors import DataError
 
 SPLITS = ("train", "eval", "test")
 METRICS = ("exact", "choice", "rouge_l", "edit_sim", "sari")
+EXTRACTIONS = ("full", "first_line", "first_clause", "prefix")  # what of a generation the metric judges (evaluation.metrics.extract)
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,11 @@ class Task:
     name: str
     metric: str
     splits: dict[str, list[Example]] = field(default_factory=dict)
+    extract: str = "full"  # what of a generation the metric judges: one of EXTRACTIONS
 
     def __post_init__(self) -> None:
+        if self.extract not in EXTRACTIONS:
+            raise DataError(f"task {self.name!r}: unknown extract {self.extract!r}; expected one of {', '.join(EXTRACTIONS)}")
         if self.metric not in METRICS:
             raise DataError(
                 f"task {self.name!r}: unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
@@ -63,7 +67,7 @@ class Task:
             n = limits.get(name)
             keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(examples)), n)) if n is not None and n < len(examples) else range(len(examples))
             splits[name] = [examples[i] for i in keep]
-        return Task(self.name, self.metric, splits)
+        return Task(self.name, self.metric, splits, self.extract)
 
     def data_hash(self) -> str:
         """sha256 over every split's examples: identifies the data a contribution was trained on."""

@@ -54,7 +54,7 @@ def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_si
         progress=progress,
     )
     rows = [
-        {"prompt": ex.prompt, "answer": ex.answer, "prediction": p, "score": score(task.metric, p, ex.answer, ex.prompt)}
+        {"prompt": ex.prompt, "answer": ex.answer, "prediction": p, "score": score(task.metric, p, ex.answer, ex.prompt, task.extract)}
         for ex, p in zip(examples, preds)
     ]
     mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0

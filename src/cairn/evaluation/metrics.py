@@ -102,6 +102,38 @@ def sari(prediction: str, answer: str | list[str], source: str = "") -> float:
 METRIC_FNS = {"exact": exact, "choice": choice, "rouge_l": rouge_l, "edit_sim": edit_sim, "sari": sari}
 
 
-def score(metric: str, prediction: str, answer: str, source: str = "") -> float:
-    """Score one prediction by the named metric (`source` is the prompt; only SARI reads it)."""
-    return METRIC_FNS[metric](prediction, answer, source)
+# The end of a first clause: , ; ! ? or a newline, or a full stop followed by a space or the end
+# (so 3.14 and e.g. "U.S" inside a word stay whole). lm-eval-harness expresses the same with its
+# `regex` filter; tests/evaluation/test_extraction.py checks Cairn's scores against lm-eval's.
+_CLAUSE = re.compile(r"^(.*?)(?:[,;!?\n]|\.(?=\s|$)|$)", re.S)
+
+
+def extract(prediction: str, how: str) -> str:
+    """The part of a generation a metric judges (a task's `extract`):
+
+    - `full`: the whole generation ("Jupiter, but it's not the" against "Jupiter": no match);
+    - `first_line`: up to the first newline;
+    - `first_clause`: up to the first , ; ! ? newline or sentence-ending full stop
+      ("Jupiter, but it's not the" -> "Jupiter"; "3.14 is pi" -> "3.14 is pi");
+    - `prefix`: the whole generation, which `exact` then matches when it starts with the answer at
+      a word boundary ("Jupiter, but" and "jupiter is" match "Jupiter"; "Jupiterian" does not).
+    """
+    if how == "first_line":
+        return prediction.strip().split("\n", 1)[0]
+    if how == "first_clause":
+        return _CLAUSE.match(prediction.strip()).group(1)
+    return prediction
+
+
+def starts_with(prediction: str, answer: str) -> float:
+    """1.0 when the normalised prediction begins with the normalised answer, ending at a word boundary."""
+    p, a = normalize(prediction), normalize(answer)
+    return float(bool(a) and p.startswith(a) and (len(p) == len(a) or not (p[len(a)].isalnum() or p[len(a)] == "_")))
+
+
+def score(metric: str, prediction: str, answer: str, source: str = "", extraction: str = "full") -> float:
+    """Score one prediction by the named metric on the part `extraction` keeps (`source` is the
+    prompt; only SARI reads it). `prefix` changes `exact` into a match at the answer's start."""
+    if extraction == "prefix" and metric == "exact":
+        return starts_with(prediction, answer)
+    return METRIC_FNS[metric](extract(prediction, extraction), answer, source)
