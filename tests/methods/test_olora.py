@@ -10,7 +10,7 @@ from cairn.data import Example, Task
 from cairn.errors import ConfigError
 from cairn.workspace import Workspace
 from cairn.options import OLoRAOptions
-from cairn.methods.olora import orthogonality_loss, stack_lora, stack_stages
+from cairn.methods.olora import orthogonality_loss, penalty_ratio, stack_lora, stack_stages
 from cairn.manifest import read_manifest
 from cairn.strategies import STRATEGIES
 from cairn.options import TrainConfig
@@ -89,9 +89,20 @@ def test_the_normalised_orthogonality_term_does_not_grow_with_the_number_of_modu
     assert orthogonality_loss([torch.cat([new, new])], [prev]).item() == pytest.approx(one, rel=1e-6)  # twice the rows, the same mean
 
 
-def test_a_stage_trained_with_the_penalty_records_its_ratio_to_the_task_loss(tiny, tmp_path):
-    work, _ = run_olora(tiny, tmp_path / "ratio", OLoRAOptions(lambda1=1.0))
-    assert work.notes["penalty_ratio"] > 0
+def test_the_penalty_ratio_divides_a_steps_penalty_by_its_task_loss():
+    assert penalty_ratio([2.0, 2.0, 1.0], [10.0, 5.0]) == {"first": 0.25, "last": 0.25}  # step 1 had two batches
+    assert penalty_ratio([1.0], [10.0, 5.0], resumed=True) == {"last": 0.25}
+
+
+def test_a_stage_records_its_penalty_ratio_and_the_raw_sum_is_modules_times_r_squared_the_mean(tiny, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    norm, models = run_olora(tiny, tmp_path, OLoRAOptions(lambda1=1.0))
+    raw, _ = run_olora(tiny, tmp_path, OLoRAOptions(lambda1=1.0, raw=True))  # the same stage 1, init and first batch
+    modules = sum(isinstance(m, LoraLayer) for m in models[-1].modules())
+    first, first_raw = norm.notes["penalty_ratio"]["first"], raw.notes["penalty_ratio"]["first"]
+    assert 0 < first < first_raw and norm.notes["penalty_ratio"]["last"] >= 0
+    assert first_raw / first == pytest.approx(modules * CFG.lora_r**2, rel=0.01)
 
 
 def overlap(folder, r: int) -> float:

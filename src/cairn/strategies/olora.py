@@ -9,7 +9,7 @@ from typing import Iterator
 from peft import PeftModel
 
 from cairn.errors import ConfigError
-from cairn.methods.olora import NEW, PREV, penalty, stack_stages, stage_model
+from cairn.methods.olora import NEW, PREV, penalty, penalty_ratio, stack_stages, stage_model
 from cairn.models import fingerprint
 from cairn.options import OLoRAOptions, TrainConfig
 from cairn.speedups import uses_bf16
@@ -43,6 +43,7 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work: Workspace)
         def run() -> TrainResult:
             staged = stage_model(base, prev, cfg, cfg.seed + s)
             extra = penalty(staged, opts)
+            resumed = any(work.checkpoints(folder).glob("*"))  # an earlier attempt's checkpoint may be resumed
             result = train(
                 staged,
                 work.tokenizer,
@@ -55,9 +56,8 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work: Workspace)
                 checkpoint_dir=work.checkpoints(folder),
             )
             result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
-            if extra.values and result.losses:  # the losses include the penalty
-                mean_penalty, mean_loss = sum(extra.values) / len(extra.values), sum(result.losses) / len(result.losses)
-                work.note(penalty_ratio=round(mean_penalty / max(mean_loss - mean_penalty, 1e-12), 4))
+            if extra.values:
+                work.note(penalty_ratio=penalty_ratio(extra.values, result.losses, resumed))
             return result
 
         result = work.trained(folder, task, cfg, run, base_fp)
