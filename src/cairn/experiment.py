@@ -46,6 +46,9 @@ def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, 
     row = [work.evaluate(model, fp, t).score for t in tasks]
     headline = work.evaluate(model, fp, probe) if probe else None
     extra = _per_task(headline) if headline else {}
+    if isinstance(probe, Task):  # the probe read by likelihood too: the correct answer's log-probability, and whether it outranks others
+        read = work.likelihood(model, fp, probe)
+        extra = {**extra, f"{probe.name} logprob": read["logprob"], f"{probe.name} ranked first": read["ranked_first"]}
     for p in probes:
         result = work.evaluate(model, fp, p)
         extra = {**extra, p.name: result.score, **_per_task(result)}

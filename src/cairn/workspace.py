@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from cairn.contributions import train_or_reuse
 from cairn.data.task import Task
 from cairn.evaluation import EvalResult, evaluate_task
+from cairn.evaluation.likelihood import likelihood_scores
 from cairn.io import atomic_write_json
 from cairn.manifest import read_manifest
 from cairn.models import fingerprint
@@ -122,6 +123,16 @@ class Workspace:
         result = evaluate_task(model, self.tokenizer, task, split=split, progress=self.progress)
         atomic_write_json(path, result.to_dict())
         return result
+
+    def likelihood(self, model, model_fp: str, task: Task, split: str = "test") -> dict:
+        """`task`'s split read by likelihood (evaluation/likelihood.py), cached like `evaluate`."""
+        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), 'likelihood', split)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = likelihood_scores(model, self.tokenizer, task, split=split)
+        summary = {"logprob": round(result.mean_logprob, 4), "ranked_first": round(result.ranked_first, 4), "n": result.n}
+        atomic_write_json(path, summary)
+        return summary
 
     def alone(self, base, name: str, task: Task) -> float:
         """The test score on `task` of the contribution `name` (a folder under contributions/)
