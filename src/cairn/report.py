@@ -156,46 +156,73 @@ def recommendation(ranking: list[dict], metric: str = "op") -> str:
     return head + f"; {names} {'is' if len(tied) == 1 else 'are'} not significantly different at α = {ALPHA}: any of them is a defensible choice, and more seeds would separate them."
 
 
-def ranking_markdown(results: dict, metric: str = "op") -> list[str]:
-    """The ranking section of summary.md: one table per setting (a results dict holds one)."""
-    ranking = rank(results, metric)
-    setting = results["config"].get("setting", "full")
+Table = tuple[list[str], list[list[str]]]  # a header and its rows, rendered to Markdown or HTML
+
+
+def ranking_table(ranking: list[dict], metric: str = "op") -> Table:
+    """The ranking as a table: rank, strategy, mean ± CI, p against the best, whether it is in the
+    best's group, training seconds, and tuning seconds where a strategy was tuned."""
     tuned = any(r["tuning"] for r in ranking)
-    out = [f"## Ranking ({setting} setting, by {metric} at the last stage)", "",
-           "| rank | strategy | " + metric + " (mean ± 95% CI) | p vs best | same group as the best | train s |" + (" tuning s |" if tuned else ""),
-           "|" + "---|" * (6 + tuned)]
+    header = ["rank", "strategy", f"{metric} (mean ± 95% CI)", "p vs best", "same group as the best", "train s"] + (["tuning s"] if tuned else [])
+    rows = []
     for i, r in enumerate(ranking, 1):
         ci = f" ± {r['ci95']:.3f}" if r["ci95"] is not None else ""
         group = {True: "yes", False: "no", None: "– (one seed)"}[r["tied"]]
         cells = [str(i), r["strategy"], f"{r['mean']:.3f}{ci}", "–" if r["p"] is None else f"{r['p']:.3f}", group, f"{r['train_s']:.0f}"]
         if tuned:
             cells.append(f"{r['tuning']['train_wall_s']:.0f}" if r["tuning"] else "–")
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "**Recommendation.** " + recommendation(ranking, metric), ""]
-    return out
+        rows.append(cells)
+    return header, rows
 
 
-def matrices_markdown(results: dict) -> list[str]:
+def ranking_title(results: dict, metric: str) -> str:
+    """The ranking's heading: the results' setting (one per results dict) and the criterion."""
+    return f"Ranking ({results['config'].get('setting', 'full')} setting, by {metric} at the last stage)"
+
+
+def matrix_tables(results: dict) -> list[tuple[str, Table]]:
     """Each strategy's score matrix R (rows: after stage s; columns: tasks) and G, mean over seeds."""
-    out = ["## Score matrices (mean over seeds)", ""]
+    out = []
     for name, entry in results["strategies"].items():
-        out += [f"### {name}", "", "| after stage | " + " | ".join(results["tasks"]) + (" | G |" if entry["G"] else " |"), "|" + "---|" * (len(results["tasks"]) + 1 + bool(entry["G"]))]
-        for s, row in enumerate(entry["R"]):
-            cells = [f"{x:.3f}" for x in row] + ([f"{entry['G'][s]:.3f}"] if entry["G"] else [])
-            out.append(f"| {'base' if s == 0 else s} | " + " | ".join(cells) + " |")
-        out.append("")
+        header = ["after stage", *results["tasks"]] + (["G"] if entry["G"] else [])
+        rows = [[("base" if s == 0 else str(s)), *[f"{x:.3f}" for x in row]] + ([_score(entry["G"][s])] if entry["G"] else []) for s, row in enumerate(entry["R"])]
+        out.append((name, (header, rows)))
     return out
+
+
+def _score(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _settings_line(results: dict) -> str:
+    """The base model, the config's training settings, each strategy's overrides and the date."""
+    cfg = results["config"]
+
+    def fields(d: dict) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in d.items())
+
+    train = fields(cfg["train"]) if cfg.get("train") else "the defaults"
+    overrides = "".join(f"; {s['name']}: {fields(s['train'])}" for s in cfg["strategies"] if s.get("train"))
+    return f"Base model: {cfg['base']}. Training: {train}{overrides}. Run on {results.get('date', 'an unrecorded date')}."
+
+
+def _md_table(table: Table) -> list[str]:
+    header, rows = table
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def _html_table(table: Table) -> str:
+    header, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _markdown(results: dict) -> str:
     cfg = results["config"]
-    out = [f"# {cfg['name']}", "", f"Tasks, in stream order: {', '.join(results['tasks'])}. Seeds: {results['seeds']}.",
-           f"Base model: {cfg['base']}. Training defaults: {cfg.get('train') or 'the defaults'}"
-           + "".join(f"; {s['name']}: {s['train']}" for s in cfg["strategies"] if s.get("train")) + f". Run on {results.get('date', 'an unrecorded date')}.", ""]
+    out = [f"# {cfg['name']}", "", f"Tasks, in stream order: {', '.join(results['tasks'])}. Seeds: {results['seeds']}.", _settings_line(results), ""]
     for part, title in (("summary", "Averaged over stages"), ("final", "At the last stage")):
-        out += [f"## {title}", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
-        out += ["| " + " | ".join(r) + " |" for r in summary_rows(results, part)]
-        out.append("")
+        out += [f"## {title}", "", *_md_table((SUMMARY_HEADER, summary_rows(results, part))), ""]
     extra = sorted({p for s in results["strategies"].values() for p in s.get("probes", {})})
     if extra:
         out += ["## Further probes", "", "At the last stage, with the change from the base model in brackets.", "",
@@ -209,10 +236,17 @@ def _markdown(results: dict) -> str:
         out += ["## Diverged", "", "Training hit a NaN or infinite loss; these runs are left out of the tables' metrics.", ""]
         out += [f"- {name}, seed {seed}, stage {d['stage']}: {d['message']}" for name, seed, d in diverged]
         out.append("")
-    out += matrices_markdown(results)
+    out += [f"## Score matrices ({MATRICES_OF})", ""]
+    for name, table in matrix_tables(results):
+        out += [f"### {name}", "", *_md_table(table), ""]
     out += [DEFINITIONS, ""]
-    out += ranking_markdown(results, _ranked_by(results))
+    metric = _ranked_by(results)
+    ranking = rank(results, metric)
+    out += [f"## {ranking_title(results, metric)}", "", *_md_table(ranking_table(ranking, metric)), "", "**Recommendation.** " + recommendation(ranking, metric), ""]
     return "\n".join(out)
+
+
+MATRICES_OF = "mean over seeds; a row per stage, a column per task, G the probe"
 
 
 def _ranked_by(results: dict) -> str:
@@ -327,21 +361,23 @@ def save_png(fig, path: Path) -> str:
     return path.name
 
 
-def _html(results: dict, images: list[str], markdown: str) -> str:
-    def table(part):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in summary_rows(results, part))
-        return f"<table><tr>{head}</tr>{body}</table>"
-
+def _html(results: dict, images: list[str]) -> str:
     imgs = "".join(f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images)
     name = html.escape(results["config"]["name"])
+    matrices = "".join(f"<h3>{html.escape(n)}</h3>{_html_table(t)}" for n, t in matrix_tables(results))
+    metric = _ranked_by(results)
+    ranking = rank(results, metric)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Cairn: {name}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>Cairn: {name}</h1><p>Tasks in stream order: {html.escape(', '.join(results['tasks']))}. Seeds: {results['seeds']}.</p>
-<h2>Averaged over stages</h2>{table('summary')}<h2>At the last stage</h2>{table('final')}
-{imgs}<h2>Ranking</h2><pre>{html.escape(chr(10).join(ranking_markdown(results, _ranked_by(results))[2:]))}</pre>
-<h2>Definitions</h2><pre>{html.escape(DEFINITIONS)}</pre></body></html>
+<p>{html.escape(_settings_line(results))}</p>
+<h2>Averaged over stages</h2>{_html_table((SUMMARY_HEADER, summary_rows(results, 'summary')))}
+<h2>At the last stage</h2>{_html_table((SUMMARY_HEADER, summary_rows(results, 'final')))}
+{imgs}<h2>Score matrices ({html.escape(MATRICES_OF)})</h2>{matrices}
+<h2>Definitions</h2><pre>{html.escape(DEFINITIONS)}</pre>
+<h2>{html.escape(ranking_title(results, metric))}</h2>{_html_table(ranking_table(ranking, metric))}
+<p><strong>Recommendation.</strong> {html.escape(recommendation(ranking, metric))}</p></body></html>
 """
 
 
@@ -352,10 +388,9 @@ def write_report(results: dict, out: Path) -> None:
     atomic_write_json(out / "results.json", results)
     for name in results["strategies"]:
         atomic_write_text(out / f"R_{name}.csv", _csv(results, name))
-    markdown = _markdown(results)
-    atomic_write_text(out / "summary.md", markdown)
+    atomic_write_text(out / "summary.md", _markdown(results))
     images = _plots(results, out)
-    atomic_write_text(out / "report.html", _html(results, images, markdown))
+    atomic_write_text(out / "report.html", _html(results, images))
 
 
 def load_results(out: Path) -> dict:
