@@ -90,7 +90,7 @@ def test_semi_setting_refuses_strategies_that_read_earlier_data():
 def test_strategy_options_are_typed_and_checked():
     cfg = parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "rate": 0.25}, {"name": "j", "kind": "joint", "mix": "natural"}]})
     assert cfg.strategies[0].typed_options().rate == 0.25 and cfg.strategies[1].typed_options().mix == "natural"
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'ratio'.*keys allowed: name, kind, train, rate"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'ratio'.*keys allowed: name, kind, train, task_train, rate"):
         parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "ratio": 0.2}]})
     with pytest.raises(ConfigError, match="mix: Input should be 'balanced' or 'natural'"):
         parse_config({**QUICKSTART, "strategies": [{"name": "j", "kind": "joint", "mix": "all"}]})
