@@ -148,7 +148,7 @@ def recommendation(ranking: list[dict], metric: str = "op") -> str:
     if len(ranking) == 1:
         return head + "."
     if n < 2:
-        return head + f"; with one seed no difference can be called significant: run more seeds (`seeds: [0, 1, 2]`) before trusting this ranking."
+        return head + "; with one seed no difference can be called significant: run more seeds (`seeds: [0, 1, 2]`) before trusting this ranking."
     tied = [r for r in ranking[1:] if r["tied"]]
     if not tied:
         return head + f", significantly above every other strategy (Welch's t-test, p < {ALPHA}): use it."
