@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cairn.data import Task, load_task
 from cairn.data.chat import as_chat
@@ -23,6 +23,15 @@ from cairn.validation import Strict, config_error
 
 # A run's seed seeds Python, NumPy and torch; NumPy takes 0 .. 2**32 - 1.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _unique(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be unique, got {seeds}")
+    return seeds
+
+
+Seeds = Annotated[list[Seed], Field(min_length=1), AfterValidator(_unique)]  # a sweep's or tuning's seeds
 
 
 class TaskSpec(Strict):
@@ -94,16 +103,9 @@ class SweepSpec(Strict):
     """What `cairn sweep` varies: strategy settings (a grid), seeds and task orders."""
 
     set: dict[str, list] = Field(default_factory=dict, description="strategies.NAME.KEY -> values; each strategy's keys form a grid")
-    seeds: list[Seed] | None = Field(None, min_length=1, description="default: the experiment's seeds")
+    seeds: Seeds | None = Field(None, description="default: the experiment's seeds")
     orders: int = Field(1, ge=1, description="the config's task order, then orders - 1 other permutations")
     order_seed: int = Field(0, ge=0, description="seeds the draw of the other task orders")
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, seeds):
-        if seeds is not None and len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be unique, got {seeds}")
-        return seeds
 
 
 # Where each training method learns the quickstart's packs (bundled model, 8 epochs, batch 8): LoRA
@@ -119,16 +121,9 @@ class TuneSpec(Strict):
 
     grid: dict[str, dict[str, list]] = Field(default_factory=dict, description="strategy name -> {train.FIELD or option: values}; a strategy not named tunes train.lr over LR_BRACKET")
     budget: int | None = Field(None, ge=1, description="grid points per strategy; default: the largest given grid's size (4 without one)")
-    seeds: list[Seed] | None = Field(None, min_length=1, description="tuning seeds; default: the experiment's first")
+    seeds: Seeds | None = Field(None, description="tuning seeds; default: the experiment's first")
     metric: Literal["op", "new", "retained", "bwt", "old_change"] = "op"
     max_forgetting: float | None = Field(None, ge=0, description="a point qualifies when its eval old_change >= -max_forgetting (default: every point does)")
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, seeds):
-        if seeds is not None and len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be unique, got {seeds}")
-        return seeds
 
     @field_validator("grid")
     @classmethod

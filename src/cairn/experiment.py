@@ -40,9 +40,8 @@ def _per_task(result: EvalResult) -> dict[str, float]:
     return {f"{result.task}/{r['task']}": r["score"] for r in result.predictions} if result.metric == "lm-eval" else {}
 
 
-def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, probes: list = ()) -> tuple[list[float], float | None, dict]:
-    """(R row, G, {further probe, or lm-eval probe/task: score}) of one stage's model, on the test splits."""
-    fp = fingerprint(model)
+def _score_stage(work: Workspace, model, fp: str, tasks: list[Task], probe: Task | None, probes: list = ()) -> tuple[list[float], float | None, dict]:
+    """(R row, G, {further probe, or lm-eval probe/task: score}) of one stage's model (fingerprint `fp`), on the test splits."""
     row = [work.evaluate(model, fp, t).score for t in tasks]
     headline = work.evaluate(model, fp, probe) if probe else None
     extra = _per_task(headline) if headline else {}
@@ -55,13 +54,11 @@ def _score_stage(work: Workspace, model, tasks: list[Task], probe: Task | None, 
     return row, headline.score if headline else None, extra
 
 
-def _score_eval(work: Workspace, model, tasks: list[Task], probe: Task | None) -> tuple[list[float], float | None]:
+def _score_eval(work: Workspace, model, fp: str, tasks: list[Task], probe: Task | None) -> tuple[list[float], float | None]:
     """(R row, G) of one stage's model on the eval splits, which tuning chooses on: each task's eval
     split and the probe's eval half (an lm-eval probe, whose split is lm-eval's, gives no G here)."""
-    fp = fingerprint(model)
     row = [work.evaluate(model, fp, t, "eval").score for t in tasks]
-    scored = probe is not None and isinstance(probe, Task)
-    return row, work.evaluate(model, fp, probe, "eval").score if scored else None
+    return row, work.evaluate(model, fp, probe, "eval").score if isinstance(probe, Task) else None
 
 
 def check_eval_splits(tasks: list[Task], probe) -> None:
@@ -168,8 +165,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     if plan:
         plan.start(cfg, log)
     work = Workspace(Path(cache) if cache else out / "cache", cfg.base, tokenizer, progress)
-    r0, g0, p0 = _score_stage(work, base, tasks, probe, probes) if main else ([], None, {})
-    e0 = _score_eval(work, base, tasks, probe) if main and eval_splits else None
+    base_fp = fingerprint(base) if main else None
+    r0, g0, p0 = _score_stage(work, base, base_fp, tasks, probe, probes) if main else ([], None, {})
+    e0 = _score_eval(work, base, base_fp, tasks, probe) if main and eval_splits else None
     if main:
         log(f"base: R[0] = {[round(x, 3) for x in r0]}" + (f", G[0] = {g0:.3f}" if probe else ""))
 
@@ -194,13 +192,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
                 if not main:  # it trained its share; the main process evaluates and writes
                     work.notes.clear()
                     continue
-                row, g, extra = _score_stage(work, model, tasks, probe, probes)
+                fp = fingerprint(model)
+                row, g, extra = _score_stage(work, model, fp, tasks, probe, probes)
                 R.append(row)
                 G.append(g)
                 for name, v in extra.items():
                     P[name].append(v)
                 if E:
-                    row_e, g_e = _score_eval(work, model, tasks, probe)
+                    row_e, g_e = _score_eval(work, model, fp, tasks, probe)
                     E[0].append(row_e)
                     E[1].append(g_e)
                 if "contributions" in work.notes:  # a merge or mixture: its newest contribution alone, the upper bound it is read against

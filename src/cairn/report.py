@@ -108,9 +108,14 @@ SUMMARY_HEADER = ["strategy", *HEADLINE, "train s (all stages)", "tokens (all st
 ALPHA = 0.05  # the ranking's significance level (Welch's t-test over seeds)
 
 
-def _seed_values(entry: dict, metric: str) -> list[float]:
+def finished_runs(entry: dict) -> list[dict]:
+    """A strategy's per-seed runs that did not diverge, from its results entry (one seed keeps no `seeds`)."""
     runs = list(entry["seeds"].values()) if "seeds" in entry else [entry]
-    return [r["final"][metric] for r in runs if "diverged" not in r and r.get("final") and r["final"].get(metric) is not None]
+    return [r for r in runs if "diverged" not in r]
+
+
+def _seed_values(entry: dict, metric: str) -> list[float]:
+    return [r["final"][metric] for r in finished_runs(entry) if r.get("final") and r["final"].get(metric) is not None]
 
 
 def rank(results: dict, metric: str = "op") -> list[dict]:

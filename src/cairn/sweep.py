@@ -16,16 +16,10 @@ from pathlib import Path
 from cairn.config import ExperimentConfig, SweepSpec, experiments
 from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci
 from cairn.experiment import run_experiment
-from cairn.report import CHANGES, HEADLINE, save_png, write_report
+from cairn.report import CHANGES, HEADLINE, finished_runs, save_png, write_report
 from cairn.io import atomic_write_json, atomic_write_text
 
 SCHEMA = 1
-
-
-def _runs(entry: dict) -> list[dict]:
-    """A strategy's per-seed runs from its results entry (one seed keeps no `seeds`)."""
-    runs = list(entry["seeds"].values()) if "seeds" in entry else [entry]
-    return [r for r in runs if "diverged" not in r]
 
 
 def aggregate(results: list[dict], points: list[tuple[str, str, dict]]) -> list[dict]:
@@ -33,7 +27,7 @@ def aggregate(results: list[dict], points: list[tuple[str, str, dict]]) -> list[
     and at the last stage), of the training cost, and each order's seed mean."""
     rows = []
     for variant, strategy, point in points:
-        per_order = [_runs(r["strategies"][variant]) for r in results]
+        per_order = [finished_runs(r["strategies"][variant]) for r in results]
         runs = [run for order in per_order for run in order]
         rows.append({
             "variant": variant,

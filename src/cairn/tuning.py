@@ -28,15 +28,11 @@ from cairn.config import ExperimentConfig, TuneSpec, parse_config, tuning_grid, 
 from cairn.evaluation.scores import mean_ci
 from cairn.experiment import run_experiment
 from cairn.io import atomic_write_json, atomic_write_text
-from cairn.report import save_png, write_report
+from cairn.report import CHANGES, finished_runs, save_png, write_report
+from cairn.sweep import format_stat
 
 SCHEMA = 1
 MATCHED_AT = (0.25, 0.5, 0.75)  # the frontier's matched comparison: at learning >= x, who keeps the most
-
-
-def _runs(entry: dict) -> list[dict]:
-    runs = list(entry["seeds"].values()) if "seeds" in entry else [entry]
-    return [r for r in runs if "diverged" not in r]
 
 
 def _stat(runs: list[dict], part: str, key: str, eval_split: bool) -> dict:
@@ -50,7 +46,7 @@ def point_rows(result: dict, points: list[tuple[str, str, dict]], metric: str) -
     rows = []
     for variant, strategy, point in points:
         entry = result["strategies"][variant]
-        runs = _runs(entry)
+        runs = finished_runs(entry)
         rows.append({
             "variant": variant,
             "strategy": strategy,
@@ -114,13 +110,6 @@ def frontier(rows: list[dict], metric: str, at: tuple[float, ...] = MATCHED_AT) 
     return {"metric": metric, "strategies": by_strategy, "matched": matched}
 
 
-def _fmt(stat: dict, signed: bool) -> str:
-    if stat["mean"] is None:
-        return "–"
-    text = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
-    return text + (f" ± {stat['ci95']:.3f}" if stat.get("ci95") is not None else "")
-
-
 def markdown(summary: dict) -> str:
     """tune.md: every grid point's eval and test scores, the choice per strategy, the frontier."""
     metric, tune = summary["metric"], summary["tune"]
@@ -138,7 +127,7 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         e = r["eval"]
         cells = ["–" if e[metric] is None else f"{e[metric]:.3f}", "–" if e["old_change"] is None else f"{e['old_change']:+.3f}",
-                 _fmt(r["test"][metric], metric in ("bwt", "old_change")), _fmt(r["test"]["old_change"], True)]
+                 format_stat(r["test"][metric], metric in CHANGES), format_stat(r["test"]["old_change"], True)]
         out.append(f"| {r['variant']} | {r['runs']} | " + " | ".join(cells) + f" | {r['train_wall_s']:.0f} | {'✓' if r['variant'] in chosen else ''} |")
     out.append("")
     if summary.get("task_train"):
@@ -158,7 +147,7 @@ def markdown(summary: dict) -> str:
         cells = []
         for s in front["strategies"]:
             v = m["strategies"].get(s)
-            cells.append(f"{_fmt(v[metric], False)} / {_fmt(v['old_change'], True)}" if v else "does not reach x")
+            cells.append(f"{format_stat(v[metric], False)} / {format_stat(v['old_change'], True)}" if v else "does not reach x")
         out.append(f"| {m['at']} | " + " | ".join(cells) + f" | {m['keeps_most'] or '–'} |")
     out += ["", f"Cells: test {metric} / test old_change, mean ± 95% CI over the tuning seeds.", ""]
     return "\n".join(out)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -111,32 +110,37 @@ class Workspace:
             return model.eval()
         return PeftModel.from_pretrained(model, str(folder)).eval()
 
-    def evaluate(self, model, model_fp: str, task: Task, split: str = "test") -> EvalResult:
-        """`model` (or a callable that builds it, called only when the score is not cached) scored
-        on `task`'s split, cached by the model's fingerprint, the task's data and metric."""
-        extract = getattr(task, "extract", "full")  # an lm-eval probe extracts as its own task says
-        metric = task.metric if extract == "full" else f"{task.metric}/{extract}"  # "full" keeps the keys of earlier caches
-        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), metric, split)}.json"
+    def _cached(self, model_fp: str, task: Task, kind: str, split: str, compute: Callable[[], dict]) -> dict:
+        """`compute()`'s JSON for (model, task data, what is measured, split), from `eval/` once it is there."""
+        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), kind, split)}.json"
         if path.is_file():
-            return EvalResult(**json.loads(path.read_text()))
-        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
-        result = evaluate_task(model, self.tokenizer, task, split=split, progress=self.progress)
-        atomic_write_json(path, result.to_dict())
+            return json.loads(path.read_text())
+        result = compute()
+        atomic_write_json(path, result)
         return result
+
+    def _scored(self, build: Callable[[], object], model_fp: str, task: Task, split: str) -> EvalResult:
+        extract = getattr(task, "extract", "full")  # an lm-eval probe extracts as its own task says
+        kind = task.metric if extract == "full" else f"{task.metric}/{extract}"  # "full" keeps the keys of earlier caches
+        return EvalResult(**self._cached(model_fp, task, kind, split, lambda: evaluate_task(build(), self.tokenizer, task, split=split, progress=self.progress).to_dict()))
+
+    def evaluate(self, model, model_fp: str, task: Task, split: str = "test") -> EvalResult:
+        """`model` scored on `task`'s split, cached by the model's fingerprint, the task's data, metric and extraction."""
+        return self._scored(lambda: model, model_fp, task, split)
 
     def likelihood(self, model, model_fp: str, task: Task, split: str = "test") -> dict:
         """`task`'s split read by likelihood (evaluation/likelihood.py), cached like `evaluate`."""
-        path = self.root / "eval" / f"{_key(model_fp, task.data_hash(), 'likelihood', split)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        result = likelihood_scores(model, self.tokenizer, task, split=split)
-        summary = {"logprob": round(result.mean_logprob, 4), "ranked_first": round(result.ranked_first, 4), "n": result.n}
-        atomic_write_json(path, summary)
-        return summary
+
+        def compute() -> dict:
+            result = likelihood_scores(model, self.tokenizer, task, split=split)
+            return {"logprob": round(result.mean_logprob, 4), "ranked_first": round(result.ranked_first, 4), "n": result.n}
+
+        return self._cached(model_fp, task, "likelihood", split, compute)
 
     def alone(self, base, name: str, task: Task) -> float:
         """The test score on `task` of the contribution `name` (a folder under contributions/)
-        alone on `base`: the upper bound a merge or mixture of it is read against."""
+        alone on `base`: the upper bound a merge or mixture of it is read against. The model is
+        built only when the score is not cached."""
         folder = self.root / "contributions" / name
 
         def build():
@@ -144,7 +148,7 @@ class Workspace:
                 return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
             return AutoModelForCausalLM.from_pretrained(folder).eval()
 
-        return self.evaluate(build, f"contribution {name}", task).score
+        return self._scored(build, f"contribution {name}", task, "test").score
 
     def cost(self) -> dict:
         """Training cost of the contributions this run used (reused ones count what they cost, a
