@@ -148,6 +148,7 @@ def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, ou
             "peak_mem_mb": round(result.peak_mem_mb, 1),
             "trainable_params": result.trainable_params,
             "bf16": result.bf16,
+            **({"extra_losses": result.extra_losses} if result.extra_losses else {}),  # a regulariser's share of each step's loss
         }
         made_from = {"base": base, "base_fingerprint": base_fingerprint}
         return contribution_manifest(tmp, "train", trained, kind="adapter" if cfg.method == "lora" else "model", task=task.name, method=cfg.method,

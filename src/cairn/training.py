@@ -46,6 +46,7 @@ DEFAULT_CHECKPOINT_EVERY = {"lora": 20, "fft": 100}
 class TrainResult:
     model: object
     losses: list[float] = field(default_factory=list)
+    extra_losses: list[float] = field(default_factory=list)  # the `extra_loss` term's share of each step's loss (regularised trainings)
     tokens: int = 0
     steps: int = 0
     wall_s: float = 0.0
@@ -201,7 +202,7 @@ def _batches(loader, order: torch.Generator, epochs: int, resume: Resume | None)
             yield epoch, index, order_state, batch
 
 
-PROGRESS = ("steps", "tokens", "losses", "wall_s", "peak_mem_mb")  # the TrainResult fields a checkpoint keeps
+PROGRESS = ("steps", "tokens", "losses", "extra_losses", "wall_s", "peak_mem_mb")  # the TrainResult fields a checkpoint keeps
 
 
 def _diverged(desc: str, loss: float, step: int, total: int, epoch: int, cfg: TrainConfig, checkpoints: Checkpoints | None) -> TrainingDiverged:
@@ -295,7 +296,7 @@ def train(
     every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY[cfg.method]
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
-    window = []
+    window, extra_window = [], []  # per-batch losses of the current step (the extra term alone in extra_window)
     loss_of.train()
     with (
         frozen_in_bf16(model, use_bf16),
@@ -317,6 +318,8 @@ def train(
                         loss = loss + extra
                 ce = accelerator.reduce(ce.detach(), "sum") if world > 1 else ce.detach()
                 window.append(ce.item() / max(counted, 1) + (extra.item() if extra is not None else 0.0))
+                if extra is not None:
+                    extra_window.append(extra.item())
                 if not math.isfinite(window[-1]):
                     raise _diverged(desc, window[-1], result.steps + 1, total, epoch, cfg, checkpoints)
                 accelerator.backward(loss / cfg.grad_accum)
@@ -329,6 +332,9 @@ def train(
                 result.steps += 1
                 result.losses.append(sum(window) / len(window))
                 window.clear()
+                if extra_window:
+                    result.extra_losses.append(sum(extra_window) / len(extra_window))
+                    extra_window.clear()
                 result.wall_s = time.perf_counter() - start
                 bar.set_postfix(epoch=epoch + 1, loss=f"{result.losses[-1]:.3f}", tok_s=f"{result.tokens / result.wall_s:.0f}")
                 bar.update(1)

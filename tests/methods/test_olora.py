@@ -90,8 +90,7 @@ def test_the_normalised_orthogonality_term_does_not_grow_with_the_number_of_modu
 
 
 def test_the_penalty_ratio_divides_a_steps_penalty_by_its_task_loss():
-    assert penalty_ratio([2.0, 2.0, 1.0], [10.0, 5.0]) == {"first": 0.25, "last": 0.25}  # step 1 had two batches
-    assert penalty_ratio([1.0], [10.0, 5.0], resumed=True) == {"last": 0.25}
+    assert penalty_ratio([2.0, 1.0], [10.0, 5.0]) == {"first": 0.25, "last": 0.25}
 
 
 def test_a_stage_records_its_penalty_ratio_and_the_raw_sum_is_modules_times_r_squared_the_mean(tiny, tmp_path):
@@ -103,6 +102,12 @@ def test_a_stage_records_its_penalty_ratio_and_the_raw_sum_is_modules_times_r_sq
     first, first_raw = norm.notes["penalty_ratio"]["first"], raw.notes["penalty_ratio"]["first"]
     assert 0 < first < first_raw and norm.notes["penalty_ratio"]["last"] >= 0
     assert first_raw / first == pytest.approx(modules * CFG.lora_r**2, rel=0.01)
+
+
+def test_a_stage_reused_from_the_cache_records_the_penalty_ratio_it_was_trained_with(tiny, tmp_path):
+    trained, _ = run_olora(tiny, tmp_path, OLoRAOptions(lambda1=1.0))
+    reused, _ = run_olora(tiny, tmp_path, OLoRAOptions(lambda1=1.0))  # the same work: loaded, not trained
+    assert reused.notes["penalty_ratio"] == trained.notes["penalty_ratio"]
 
 
 def overlap(folder, r: int) -> float:

@@ -83,8 +83,7 @@ def stage_model(base, prev: Path | None, cfg: TrainConfig, seed: int):
 
 
 def penalty(model, opts: OLoRAOptions):
-    """The `extra_loss` of a stage: λ1 · orthogonality to the earlier stages + λ2 · ‖new adapter‖₂;
-    its `values` keep the penalty of every batch, for `penalty_ratio`."""
+    """The `extra_loss` of a stage: λ1 · orthogonality to the earlier stages + λ2 · ‖new adapter‖₂."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and PREV in m.lora_A]
@@ -95,20 +94,17 @@ def penalty(model, opts: OLoRAOptions):
         total = opts.lambda1 * orthogonality_loss(a_new, a_prev, raw=opts.raw)
         if opts.lambda2:
             total = total + opts.lambda2 * torch.stack([p.norm() for p in new]).norm()
-        loss.values.append(float(total.detach()))
         return total
 
-    loss.values = []
     return loss
 
 
-def penalty_ratio(penalties: list[float], losses: list[float], resumed: bool = False) -> dict[str, float]:
-    """The penalty over the task loss at a stage's first and last optimizer step, from the penalty of
-    every batch and the logged loss of every step (task loss + penalty). Exact: the penalty reads
-    only weights, which change at optimizer steps, so all batches of a step share it. A resumed
-    training's first step ran before the resume: then only the last is known."""
+def penalty_ratio(penalties: list[float], losses: list[float]) -> dict[str, float]:
+    """The penalty over the task loss at a stage's first and last optimizer step, from each step's
+    penalty and logged loss (task loss + penalty), as training records them (`TrainResult.extra_losses`,
+    `losses`, kept across a resume). Exact: the penalty reads only weights, which change at optimizer
+    steps, so all batches of a step share it."""
     def ratio(p: float, loss: float) -> float:
         return float(f"{p / max(loss - p, 1e-12):.4g}")
 
-    out = {} if resumed else {"first": ratio(penalties[0], losses[0])}
-    return out | {"last": ratio(penalties[-1], losses[-1])}
+    return {"first": ratio(penalties[0], losses[0]), "last": ratio(penalties[-1], losses[-1])}

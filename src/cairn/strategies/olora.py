@@ -9,6 +9,7 @@ from typing import Iterator
 from peft import PeftModel
 
 from cairn.errors import ConfigError
+from cairn.manifest import read_manifest
 from cairn.methods.olora import NEW, PREV, penalty, penalty_ratio, stack_stages, stage_model
 from cairn.models import fingerprint
 from cairn.options import OLoRAOptions, TrainConfig
@@ -42,25 +43,24 @@ def _stages(base, stream, opts: OLoRAOptions, cfg: TrainConfig, work: Workspace)
 
         def run() -> TrainResult:
             staged = stage_model(base, prev, cfg, cfg.seed + s)
-            extra = penalty(staged, opts)
-            resumed = any(work.checkpoints(folder).glob("*"))  # an earlier attempt's checkpoint may be resumed
             result = train(
                 staged,
                 work.tokenizer,
                 task.train,
                 cfg,
-                extra_loss=extra,
+                extra_loss=penalty(staged, opts),
                 trainable=lambda name: f".{NEW}." in name,  # earlier stages stay frozen
                 progress=work.progress,
                 desc=f"olora on {task.name}",
                 checkpoint_dir=work.checkpoints(folder),
             )
             result.model = stack_stages(result.model, [PREV, NEW] if prev else [NEW])
-            if extra.values:
-                work.note(penalty_ratio=penalty_ratio(extra.values, result.losses, resumed))
             return result
 
         result = work.trained(folder, task, cfg, run, base_fp)
         model = result.model if result is not None else PeftModel.from_pretrained(base, str(folder)).eval()
+        trained = read_manifest(folder)["train"]  # trained now or earlier: the stage row reads the same
+        if trained.get("extra_losses"):
+            work.note(penalty_ratio=penalty_ratio(trained["extra_losses"], trained["losses"]))
         prev = folder
         yield model
