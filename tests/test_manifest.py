@@ -13,14 +13,14 @@ def test_a_manifest_holds_what_the_store_indexes_and_its_producers_section(tmp_p
     assert {k: manifest[k] for k in ("kind", "task", "method", "base", "base_fingerprint", "mergekit_config")} == {
         "kind": "adapter", "task": "a+b", "method": "merge-ties", "base": "tiny-random", "base_fingerprint": "f" * 64, "mergekit_config": "m.yml"
     }  # fmt: skip
-    assert manifest["merge"] == {"method": "ties"} and list(manifest["files"]) == ["adapter_model.safetensors"]
-    assert made_by(tmp_path) == "merge"
+    assert manifest["merge"] == {"method": "ties"} and list(manifest["files"]) == ["adapter_model.safetensors", "README.md"]
+    assert made_by(tmp_path) == "merge" and "f" * 64 in (tmp_path / "README.md").read_text()  # the model card, hashed with the rest
 
 
 def test_a_manifest_without_its_base_or_of_an_unknown_producer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="made_from lacks base_fingerprint"):
         contribution_manifest(tmp_path, "train", {}, kind="model", task="t", method="fft", made_from={"base": "tiny-random"})
-    with pytest.raises(ValueError, match="producer 'blend': expected one of train, merge, mix"):
+    with pytest.raises(ValueError, match="producer 'blend': expected one of train, merge, mix, import"):
         contribution_manifest(tmp_path, "blend", {}, kind="model", task="t", method="fft", made_from={"base": "b", "base_fingerprint": "f"})
     assert read_manifest(tmp_path) is None
 

@@ -6,7 +6,7 @@ The Python API, one function per command (`cairn.run`, `cairn.sweep`, `cairn.tun
 on first use, so `import cairn` stays light.
 """
 
-API = ("run", "sweep", "tune", "frontier", "report", "train", "evaluate", "generate", "merge", "mix", "store_add", "store_list", "store_show", "store_verify", "packs", "inspect")
+API = ("run", "check", "sweep", "tune", "frontier", "report", "train", "evaluate", "generate", "merge", "mix", "store_add", "store_list", "store_show", "store_verify", "packs", "inspect")
 
 
 def __getattr__(name: str):

@@ -42,11 +42,16 @@ def _task(task, tokenizer=None, chat_template: bool = False, metric: str | None 
     return as_chat(task, tokenizer) if chat_template else task
 
 
-def _model(model, allow_pickle: bool = False):
-    """(model, tokenizer) of `model`: a spec (any kind, adapters and mixtures included), or a loaded pair."""
+def _model(model, allow_pickle: bool = False, base: str | None = None):
+    """(model, tokenizer) of `model`: a spec (any kind, adapters and mixtures included, on `base`
+    where given), or a loaded pair."""
     from cairn.contributions import load
 
-    return model if isinstance(model, tuple) else load(str(model), allow_pickle=allow_pickle)
+    if isinstance(model, tuple):
+        if base is not None:
+            raise ConfigError("base names the base of an adapter to load; a loaded (model, tokenizer) pair has one")
+        return model
+    return load(str(model), base=base, allow_pickle=allow_pickle)
 
 
 # --- experiments -------------------------------------------------------------------------------------
@@ -81,6 +86,17 @@ def run(config=None, out: str | Path | None = None, *, resume: bool = False, ove
             write_report(results, out)
             log(f"report: {out / 'report.html'}")
     return results
+
+
+def check(config=None, out: str | Path | None = None, *, overwrite: bool = False) -> dict:
+    """Validate a run without training (= cairn run --check): the config, its task sources, model
+    specs, strategy options and the run folder `out` (default: the config's), as `run` would;
+    returns the plan (`cairn.experiment.check_experiment`)."""
+    from cairn.config import quickstart
+    from cairn.experiment import check_experiment
+
+    cfg = quickstart() if config is None else _config(config)
+    return check_experiment(cfg, Path(out) if out else None, overwrite=overwrite)
 
 
 def _config(config):
@@ -203,23 +219,29 @@ def train(task, out: str | Path, *, base: str = DEFAULT_BASE, metric: str | None
     return manifest
 
 
-def evaluate(model, task, *, split: str = "test", metric: str | None = None, chat_template: bool = False, batch_size: int = 32,
-             allow_pickle: bool = False, json_path: str | Path | None = None, progress: bool = False):
-    """Score `model` (a spec, or a loaded (model, tokenizer) pair) on `task`'s `split` (= cairn eval;
-    an lm-eval probe is scored by lm-eval on its own data, in no chat template); returns the
-    `EvalResult` (score and per-example predictions), also written to `json_path` (--json) when given."""
+def evaluate(model, task, *, split: str = "test", metric: str | None = None, chat_template: bool = False, batch_size: int = 32, limit: int | None = None,
+             base: str | None = None, allow_pickle: bool = False, json_path: str | Path | None = None, progress: bool = False):
+    """Score `model` (a spec, on `base` where it is an adapter and given, or a loaded (model,
+    tokenizer) pair) on `task`'s `split`, or a seeded sample of `limit` of its examples (= cairn
+    eval; an lm-eval probe is scored by lm-eval on its own data, in no chat template); returns the
+    `EvalResult` (score and per-example predictions), also written to `json_path` (--json) when given.
+    Most predictions empty is logged as a warning with its likely causes."""
     from cairn.data.lm_eval import LmEvalProbe
     from cairn.evaluation import evaluate_task
     from cairn.io import atomic_write_json
 
-    _at_least(1, batch_size=batch_size)
+    _at_least(1, batch_size=batch_size, limit=limit)
     if json_path is not None and Path(json_path).is_dir():
         raise ConfigError(f"--json {json_path} is a folder; give the path of a file to write")
     task = _task(task, metric=metric)
     probe = isinstance(task, LmEvalProbe)  # lm-eval holds its own data
     if not probe and not task.split(split):
         raise DataError(f"task {task.name} has no {split!r} examples")
-    model, tokenizer = _model(model, allow_pickle)
+    if limit is not None:
+        if probe:
+            raise ConfigError(f"{task.name}: an lm-eval probe runs lm-eval's own task; it takes no --limit")
+        task = task.limited({split: limit})
+    model, tokenizer = _model(model, allow_pickle, base)
     task = _task(task, tokenizer, chat_template and not probe)
     result = evaluate_task(model, tokenizer, task, split=split, batch_size=batch_size, progress=progress)
     if json_path is not None:
@@ -230,12 +252,18 @@ def evaluate(model, task, *, split: str = "test", metric: str | None = None, cha
     return result
 
 
-def generate(model, prompt: str, *, max_new_tokens: int = 64, allow_pickle: bool = False) -> str:
-    """The greedy completion of `prompt` by `model` (a spec, or a loaded (model, tokenizer) pair; = cairn generate)."""
+def generate(model, prompt: str, *, max_new_tokens: int = 64, chat_template: bool = False, base: str | None = None, allow_pickle: bool = False) -> str:
+    """The greedy completion of `prompt` by `model` (a spec, on `base` where it is an adapter and
+    given, or a loaded (model, tokenizer) pair; = cairn generate), with `chat_template` the prompt
+    wrapped in the model's chat template as the user's turn (instruction-tuned models)."""
+    from cairn.data.chat import chat_prompt, check_chat_template
     from cairn.evaluation import generate as complete
 
     _at_least(1, max_new_tokens=max_new_tokens)
-    model, tokenizer = _model(model, allow_pickle)
+    model, tokenizer = _model(model, allow_pickle, base)
+    if chat_template:
+        check_chat_template(tokenizer, "--chat-template")
+        prompt = chat_prompt(tokenizer, prompt)
     return complete(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
 
 
@@ -272,6 +300,7 @@ def merge(inputs: list | None, out: str | Path, *, base: str | None = None, meth
     when given, must say the same). Each input must have been made on the base (its recorded
     fingerprint), or at least fit its shapes."""
     from cairn.methods.merge.streaming import merge_models
+    from cairn.models import recorded_base
 
     if as_adapter is not None and as_adapter != (adapter_rank is not None):
         raise ConfigError("--as-adapter and --rank go together: --as-adapter --rank R")
@@ -282,7 +311,7 @@ def merge(inputs: list | None, out: str | Path, *, base: str | None = None, meth
     folder = _base_folder(plan.base, f"{config}: base_model" if from_yaml else "base")
     fingerprint = _fingerprint_of(plan.base)
     paths = _inputs(plan.inputs, plan.base, folder, store, fingerprint)
-    made_from = {"base": plan.base, "base_fingerprint": fingerprint(), **from_yaml}
+    made_from = {"base": recorded_base(plan.base), "base_fingerprint": fingerprint(), **from_yaml}
     return merge_models(folder, paths, out, plan.opts, weights=plan.weights, adapter_rank=adapter_rank, dtype=plan.dtype, progress=progress, made_from=made_from)
 
 
@@ -310,7 +339,7 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
     `out` (see `MoeOptions`; `tasks`: one labelled task per input, for `router="trained"`)."""
     from cairn.methods.moe.lora_moe import attach_experts, save_moe
     from cairn.methods.moe.router_training import train_router
-    from cairn.models import load_model
+    from cairn.models import load_model, recorded_base
     from cairn.options import MoeOptions
 
     _at_least(1, top_k=top_k)
@@ -327,7 +356,7 @@ def mix(inputs: list, out: str | Path, *, base: str, router: str = "centroid", t
         raise ConfigError("inputs mix adapters and full models: a mixture is made of LoRA adapters (LoRA-MoE) or of full fine-tunes (Mixtral), not both")
     if tasks and len(tasks) != len(inputs):
         raise ConfigError(f"{len(tasks)} tasks for {len(inputs)} inputs: give one task per input")
-    made_from = {"base": base, "base_fingerprint": fingerprint()}
+    made_from = {"base": recorded_base(base), "base_fingerprint": fingerprint()}
     if not all(adapters):
         from cairn.methods.moe.mixtral import export_mixtral
 
@@ -359,9 +388,19 @@ def _store(store):
     return Store(_store_folder(store))
 
 
-def store_add(path: str | Path, name: str | None = None, *, store: str | Path | None = None) -> dict:
-    """Copy the contribution at `path` into the store as `name` (default: TASK-METHOD-HASH; = cairn store add); returns its index entry."""
-    return _store(store).add(path, name)
+def store_add(path: str | Path, name: str | None = None, *, store: str | Path | None = None, base: str | None = None, task: str | None = None) -> dict:
+    """Copy the contribution at `path` into the store as `name` (default: TASK-METHOD-HASH; = cairn store add); returns its index entry.
+    One made elsewhere (a plain PEFT adapter or HF folder, no cairn.json) needs `base`, the base it
+    was trained on (checked against its shapes), and gets a manifest in the store (`task`: its name,
+    default the folder's)."""
+    if base is None:
+        if task is not None:
+            raise ConfigError("--task names a contribution made elsewhere, which goes with --base; a Cairn contribution's manifest names its task")
+        return _store(store).add(path, name)
+    from cairn.contributions import describe_made_elsewhere
+
+    manifest = describe_made_elsewhere(Path(path), base, _base_folder(base), _fingerprint_of(base)(), task=task)
+    return _store(store).add(path, name, manifest=manifest)
 
 
 def store_list(*, store: str | Path | None = None) -> list[dict]:

@@ -35,22 +35,60 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().error(_one_line(message))  # arguments are quoted raw in some of argparse's messages
 
 
-def _command(sub, name: str, handler, help: str) -> argparse.ArgumentParser:
+def _command(sub, name: str, handler, help: str, usage: str | None = None) -> argparse.ArgumentParser:
     """The subcommand `name`, whose arguments `handler(args)` runs."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=help, usage=usage)
     p.set_defaults(handler=handler)
     return p
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model spec, HF folder or PEFT adapter folder")
+    p.add_argument("--model", required=True, help="model spec (bundled:NAME, tiny-random, a hub id), HF folder, PEFT adapter folder or `cairn mix` folder")
+    p.add_argument("--base", help="the base an adapter or mixture is loaded on (default: the one its cairn.json, moe.json or adapter_config.json names)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (*.bin) weights from a source you trust")
 
 
-def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
-    p.add_argument("--metric", choices=METRICS, help="override the task's metric")
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap the prompts in the model's chat template (instruction-tuned models)")
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME|lm-eval:TASKS")
+    p.add_argument("--metric", choices=METRICS, help="score with this metric instead of the task's (default: the task's)")
+    _add_chat_template(p)
+
+
+# `cairn train`'s flag for each TrainConfig field (its help is the field's description): the argparse
+# type, or the choices. tests/test_cli.py checks that every field has one.
+_TRAIN_FLAGS = {
+    "method": TRAIN_METHODS, "epochs": int, "lr": float, "batch_size": int, "grad_accum": int, "warmup_ratio": float,
+    "scheduler": ("cosine", "linear", "constant"), "weight_decay": float, "max_grad_norm": float, "lora_r": int, "lora_alpha": float,
+    "lora_dropout": float, "target_modules": list, "max_length": int, "seed": int, "bf16": ("auto", "true", "false"),
+}  # fmt: skip
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for name, kind in _TRAIN_FLAGS.items():
+        field = TrainConfig.model_fields[name]
+        shown = (field.json_schema_extra or {}).get("shown_default", field.default)
+        help = f"{field.description} (default: {shown})"
+        flag = "--" + name.replace("_", "-")
+        if isinstance(kind, tuple):
+            p.add_argument(flag, choices=kind, help=help)
+        elif kind is list:
+            p.add_argument(flag, nargs="+", metavar="MODULE", help=help)
+        else:
+            p.add_argument(flag, type=kind, metavar=name.upper(), help=help)
+
+
+def _train_options(args) -> dict:
+    """The TrainConfig fields given on the command line (bf16's words made booleans)."""
+    given = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    if given.get("bf16") in ("true", "false"):
+        given["bf16"] = given["bf16"] == "true"
+    if given.get("target_modules") == ["all-linear"]:
+        given["target_modules"] = "all-linear"
+    return given
 
 
 def _add_output(p: argparse.ArgumentParser, command: str, help: str) -> None:
@@ -64,40 +102,53 @@ def _add_store(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def _add_inputs(p: argparse.ArgumentParser, required: bool, help: str) -> None:
-    p.add_argument("--base", required=required, help="base model spec (the model every input was fine-tuned from)")
+    p.add_argument("--base", required=required, help="base model spec (the model every input was fine-tuned from)" + ("" if required else "; required without --config"))
     p.add_argument("--inputs", required=required, nargs="+", help=help)
     _add_store(p, "store that input IDs refer to")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cairn-llm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="cairn", description="Add knowledge to an LLM contribution by contribution, and measure what it keeps.")
+    parser.add_argument("--version", action="version", version=f"cairn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _command(sub, "train", _cmd_train, "train a LoRA adapter or a full fine-tune on one task")
     p.add_argument("--base", default=DEFAULT_BASE, help=f"base model spec (default: {DEFAULT_BASE})")
     _add_task_args(p)
-    p.add_argument("--method", choices=TRAIN_METHODS, help=f"default: {TrainConfig.model_fields['method'].default}")
     _add_output(p, "train", "output folder (PEFT adapter or HF model)")
-    for flag, kind in (("--epochs", int), ("--lr", float), ("--lora-r", int), ("--batch-size", int), ("--seed", int)):
-        p.add_argument(flag, type=kind)
+    _add_train_flags(p)
     p.add_argument("--no-eval", action="store_true", help="skip scoring the test split after training")
 
     p = _command(sub, "eval", _cmd_eval, "score a model on a task split")
     _add_model(p)
     _add_task_args(p)
-    p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
+    p.add_argument("--limit", type=int, metavar="N", help="score a seeded sample of N examples of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated at once (default: 32)")
     p.add_argument("--json", type=Path, help="write score and per-example predictions here")
 
     p = _command(sub, "generate", _cmd_generate, "greedy completion of a prompt")
     _add_model(p)
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("prompt", help="the text to complete")
+    _add_chat_template(p)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most (default: 64)")
 
-    p = _command(sub, "merge", _cmd_merge, "merge fine-tunes and/or LoRA adapters of one base into one model")
-    p.add_argument("--method", choices=tuple(MERGE_METHODS), metavar="METHOD", help="one of: %(choices)s")
-    _add_inputs(p, False, "HF model folders, PEFT adapter folders, or IDs in --store")
+    # One of two forms, which argparse's groups cannot say without refusing a mix of them itself;
+    # api.merge refuses it, with the message the Python API gives.
+    usage = "cairn merge (--method METHOD --base BASE --inputs INPUT [INPUT ...] | --config MERGEKIT_YAML) --out OUT [options]"
+    p = _command(sub, "merge", _cmd_merge, "merge fine-tunes and/or LoRA adapters of one base into one model", usage)
+    p.add_argument("--method", choices=tuple(MERGE_METHODS), metavar="METHOD", help="the merge method (required without --config), one of: %(choices)s")
     p.add_argument("--config", type=Path, help="a mergekit YAML config instead of --method/--base/--inputs/... (see README)")
+    _add_inputs(p, False, "HF model folders, PEFT adapter folders, or IDs in --store (required without --config)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per input (default: 1 each)")
     p.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_linear, dare_ties; default 1)")
     p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector (default 1)")
@@ -111,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     temperatures = ", ".join(f"{router} {t}" for router, t in TEMPERATURE["lora-moe"].items())
     p = _command(sub, "mix", _cmd_mix, "mix LoRA adapters (LoRA-MoE) or full fine-tunes (Mixtral) of one base into a mixture of experts")
     _add_inputs(p, True, "PEFT adapter folders, or HF model folders (all of one kind), or IDs in --store")
-    p.add_argument("--router", required=True, choices=ROUTERS)
+    p.add_argument("--router", required=True, choices=ROUTERS, help="how each prompt picks its experts: %(choices)s")
     p.add_argument("--top-k", type=int, help="experts mixed per prompt (default 2; not for the uniform router, which mixes all)")
     p.add_argument("--temperature", type=float, help=f"softmax temperature of the router scores (default: {temperatures})")
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
@@ -124,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "run", _cmd_run, "run an experiment: strategies x seeds over a task stream, then report")
     p.add_argument("config", nargs="?", type=Path, help="experiment YAML (default: the built-in quickstart)")
     p.add_argument("--out", type=Path, help="run folder (default: the config's `out`, else runs/NAME)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, its task sources, model specs and strategy options, print the plan, and train nothing")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (refused if the run folder holds none); a plain rerun resumes too")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out of another config's run (its cache/ is kept), or a folder that is not a run's")
@@ -147,26 +200,28 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
 
     p = _command(sub, "report", _cmd_report, "re-render the report of a run folder from its results.json")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, help="the run folder (`cairn run`'s --out)")
 
     p = sub.add_parser("store", help="a folder of contributions with verified manifests")
     _add_store(p, "store folder")
     ssub = p.add_subparsers(dest="store_command", required=True)
-    q = _command(ssub, "add", _cmd_store_add, "copy a contribution (adapter or model folder with cairn.json) into the store")
-    q.add_argument("path", type=Path)
+    q = _command(ssub, "add", _cmd_store_add, "copy a contribution (adapter or model folder) into the store")
+    q.add_argument("path", type=Path, help="the contribution's folder")
     q.add_argument("--name", help="its ID in the store (default: TASK-METHOD-HASH)")
+    q.add_argument("--base", help="for one made elsewhere (no cairn.json): the base it was trained on; it gets a manifest in the store")
+    q.add_argument("--task", help="with --base: the task's name (default: the folder's name)")
     _command(ssub, "list", _cmd_store_list, "the contributions in the store")
-    _command(ssub, "show", _cmd_store_show, "a contribution's manifest").add_argument("id")
+    _command(ssub, "show", _cmd_store_show, "a contribution's manifest").add_argument("id", help="its ID (`cairn store list`)")
     _command(ssub, "verify", lambda args: api.store_verify(args.id, store=args.store, log=print),
-             "recompute every file hash; exit 3 on any mismatch").add_argument("id", nargs="?")
+             "recompute every file hash; exit 3 on any mismatch").add_argument("id", nargs="?", help="one contribution's ID (default: every one)")
 
     p = sub.add_parser("data", help="inspect task sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
     _command(dsub, "packs", lambda args: _print_table(("pack", "description"), api.packs(), "built-in knowledge packs (use as pack:NAME)"),
              "list the built-in knowledge packs")
     p = _command(dsub, "inspect", _cmd_data_inspect, "sizes, splits, metric and a few examples of a task source")
-    p.add_argument("source")
-    p.add_argument("--metric", choices=METRICS)
+    p.add_argument("source", help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
+    p.add_argument("--metric", choices=METRICS, help="score with this metric instead of the task's (default: the task's)")
     p.add_argument("-n", type=int, default=3, help="examples to show per split")
     return parser
 
@@ -179,7 +234,7 @@ def _given(args, *names: str) -> dict:
 
 def _cmd_train(args) -> None:
     manifest = api.train(args.task, args.out, base=args.base, metric=args.metric, chat_template=args.chat_template, overwrite=args.overwrite,
-                         test=not args.no_eval, **_given(args, "method", "epochs", "lr", "lora_r", "batch_size", "seed"))  # fmt: skip
+                         test=not args.no_eval, **_train_options(args))  # fmt: skip
     if not is_main():  # under `accelerate launch`: the main process reports
         return
     t = manifest["train"]
@@ -197,12 +252,12 @@ def _print_score(result) -> None:
 
 
 def _cmd_eval(args) -> None:
-    _print_score(api.evaluate(args.model, args.task, split=args.split, metric=args.metric, chat_template=args.chat_template,
-                              batch_size=args.batch_size, allow_pickle=args.allow_pickle, json_path=args.json, progress=True))  # fmt: skip
+    _print_score(api.evaluate(args.model, args.task, split=args.split, metric=args.metric, chat_template=args.chat_template, batch_size=args.batch_size,
+                              limit=args.limit, base=args.base, allow_pickle=args.allow_pickle, json_path=args.json, progress=True))  # fmt: skip
 
 
 def _cmd_generate(args) -> None:
-    print(api.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, allow_pickle=args.allow_pickle))
+    print(api.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template, base=args.base, allow_pickle=args.allow_pickle))
 
 
 def _cmd_merge(args) -> None:
@@ -223,6 +278,11 @@ def _cmd_mix(args) -> None:
 
 
 def _cmd_run(args) -> None:
+    if args.check:
+        if args.resume:
+            raise ConfigError("--check validates a run without starting one; drop --resume")
+        _print_plan(api.check(args.config, args.out, overwrite=args.overwrite))
+        return
     from tqdm.auto import tqdm
 
     results = api.run(args.config, args.out, resume=args.resume, overwrite=args.overwrite, log=tqdm.write)
@@ -232,6 +292,23 @@ def _cmd_run(args) -> None:
     diverged = [name for name, s in results["strategies"].items() if s.get("diverged")]
     if diverged:
         raise TrainingDiverged(f"training diverged in {', '.join(diverged)} (see the run's summary.md); the other strategies' results are complete")
+
+
+_OUT_STATES = {"start": "a new run starts there", "resume": "it holds this config's run, which resumes", "replace": "--overwrite replaces what it holds (cache/ kept)"}
+
+
+def _print_plan(plan: dict) -> None:
+    """`cairn run --check`: what was checked, and what the run would train."""
+    print(f"{plan['name']}: the config, its sources, model specs and options are valid; nothing was trained")
+    print(f"base: {plan['base']} ({plan['base_checked']})")
+    examples = lambda e: e if isinstance(e, str) else " / ".join(f"{e[s]} {s}" for s in ("train", "eval", "test"))  # noqa: E731
+    described = [("task", t) for t in plan["tasks"]] + ([("probe", plan["probe"])] if plan["probe"] else []) + [("further probe", p) for p in plan["probes"]]
+    _print_table(("role", "name", "metric", "examples"), ([role, t["name"], t["metric"], examples(t["examples"])] for role, t in described), "data")
+    rows = ([s["name"], s["kind"], s["method"], f"{s['lr']:g}", str(s["epochs"]), json.dumps(s["options"]) if s["options"] else ""] for s in plan["strategies"])
+    _print_table(("strategy", "kind", "method", "lr", "epochs", "options"), rows, f"strategies ({plan['setting']} setting)")
+    print(f"plan: {len(plan['strategies'])} strategies x {len(plan['tasks'])} stages x {len(plan['seeds'])} seed(s) {plan['seeds']} = at most "
+          f"{plan['trainings']} trainings (shared and cached work is reused)")
+    print(f"out: {plan['out']}: {_OUT_STATES[plan['out_state']]}")
 
 
 def _cmd_sweep(args) -> None:
@@ -294,19 +371,26 @@ def _print_summary(results: dict) -> None:
     _print_table([SUMMARY_HEADER[0], *SUMMARY_HEADER[n:]], ([row[0], *row[n:]] for row in summary_rows(results, "summary")), "cost")
 
 
+def _console():
+    """Rich's console on stdout; when stdout is not a terminal (a file, a pipe), wide enough that no
+    table is cut or wrapped (rich would fit 80 columns and shorten the IDs one types)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000)
+
+
 def _print_table(header, rows, title: str | None = None) -> None:
     """A terminal table (rich) of `rows` (strings) under `header`."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    _console().print(table)
 
 
 def _cmd_store_add(args) -> None:
-    entry = api.store_add(args.path, args.name, store=args.store)
+    entry = api.store_add(args.path, args.name, store=args.store, base=args.base, task=args.task)
     print(f"added {entry['id']} ({entry['task']}, {entry['method']}) to {args.store}")
 
 
@@ -320,17 +404,15 @@ def _cmd_store_list(args) -> None:
 
 
 def _cmd_data_inspect(args) -> None:
-    from rich.console import Console
-
     summary = api.inspect(args.source, metric=args.metric, n=args.n)
     splits = summary["splits"]
-    Console().print(f"[bold]{summary['task']}[/bold]  metric: {summary['metric']}  data hash: {summary['data_hash'][:12]}")
+    _console().print(f"[bold]{summary['task']}[/bold]  metric: {summary['metric']}  data hash: {summary['data_hash'][:12]}")
     chars = lambda mean: "-" if mean is None else f"{mean:.0f}"  # noqa: E731
     rows = ([split, str(s["examples"]), chars(s["prompt_chars"]), chars(s["answer_chars"])] for split, s in splits.items())
     _print_table(("split", "examples", "mean prompt chars", "mean answer chars"), rows)
     for split, s in splits.items():
         for example in s["first"]:
-            Console().print(f"[dim]{split}[/dim] {json.dumps(example, ensure_ascii=False)[:300]}")
+            _console().print(f"[dim]{split}[/dim] {json.dumps(example, ensure_ascii=False)[:300]}")
 
 
 def main(argv: list[str] | None = None) -> int:

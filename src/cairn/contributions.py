@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Callable
 from cairn.distributed import barrier, is_main
 from cairn.errors import ConfigError, ModelError
 from cairn.io import atomic_dir
-from cairn.manifest import contribution_manifest, read_manifest
-from cairn.models import ModelSpec, load_model, saved_bytes, write_model
+from cairn.manifest import contribution_manifest, describe, read_manifest
+from cairn.models import ModelSpec, load_model, recorded_base, saved_bytes, write_model
 from cairn.options import TrainConfig
 from cairn.store import Store
 from cairn.weights.adapters import adapter_config
@@ -127,6 +127,35 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_name: str) -> N
             )
 
 
+def describe_made_elsewhere(path: Path, base: str, base_folder: str | Path, base_fingerprint: str, *, task: str | None = None) -> dict:
+    """The manifest of a contribution made without Cairn (a PEFT LoRA adapter or a HF model folder,
+    no cairn.json) on `base`, as its owner names it: checked to fit the base's shapes (only the
+    owner's word says it was made on this base, and the manifest records whose word it is), task
+    `task` (default: the folder's name). Written nowhere: `cairn store add --base` puts it in the
+    store's copy, leaving the owner's folder as it is."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such folder (a PEFT adapter folder or a HF model folder was expected)")
+    if read_manifest(path) is not None:
+        raise ConfigError(f"{path} has a Cairn manifest, which names its base; add it without --base")
+    adapter = (path / "adapter_config.json").is_file()
+    if adapter and str(adapter_config(path).get("peft_type", "LORA")).upper() != "LORA":
+        raise ModelError(f"{path}: a {adapter_config(path)['peft_type']} adapter; Cairn combines LoRA adapters only (adapter_config.json 'peft_type': LORA)")
+    if not adapter and not (path / "config.json").is_file():
+        raise ModelError(f"{path} is neither a PEFT adapter folder (adapter_config.json) nor a HF model folder (config.json)")
+    weights = FolderWeights(base_folder)
+    try:
+        shapes = {name: weights.meta(name)[1] for name in weights.keys()}
+    finally:
+        weights.close()
+    _check_shapes(path, shapes, base)
+    named = adapter_config(path).get("base_model_name_or_path") if adapter else None
+    details = {"from": str(path.resolve()), "base_named_by": "--base", **({"adapter_config_base": named} if named else {})}
+    made_from = {"base": recorded_base(base), "base_fingerprint": base_fingerprint}
+    return describe(path, "import", details, kind="adapter" if adapter else "model", task=task or path.resolve().name,
+                    method="lora" if adapter else "fft", made_from=made_from)  # fmt: skip
+
+
 # --- making one: train, or reuse what identical work saved -------------------------------------
 
 
@@ -134,9 +163,9 @@ def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, ou
     """Write a trained model (PEFT adapter for LoRA, HF folder for FFT), its routing statistics and
     its manifest into a temporary folder that becomes `out` in one rename: a killed save leaves no
     `out` that a later command could take for a whole contribution."""
-    out = Path(out)
+    out, base = Path(out), recorded_base(base)
     with atomic_dir(out, needed=saved_bytes(result.model)) as tmp:
-        write_model(result.model, tokenizer, tmp)
+        write_model(result.model, tokenizer, tmp, base=base)
         save_routing_statistics(result.model, tokenizer, task, cfg, tmp)
         trained = {
             "examples": len(task.train),
@@ -222,59 +251,66 @@ def train_contribution(
 # --- loading one ------------------------------------------------------------------------------------
 
 
-def load(spec: str | ModelSpec, *, allow_pickle: bool = False):
+def load(spec: str | ModelSpec, *, base: str | None = None, allow_pickle: bool = False):
     """Load `(model, tokenizer)` for any model spec: a base, or a PEFT adapter or a LoRA-MoE on top
-    of its recorded base (an adapter's recorded fingerprint must be its base's).
+    of its recorded base, or on `base` where given (`--base`: another copy of it, or the base of an
+    adapter that records none); an adapter's recorded fingerprint must be its base's.
 
     A local folder is checked first (`check_folder`), so that corrupt weights or an absurd
     config.json are a one-line ModelError before anything is allocated.
     The returned model carries `cairn_base` (the base spec string) and `cairn_fingerprint`.
     """
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    if spec.kind == "adapter":
-        return _load_adapter(Path(spec.value), allow_pickle=allow_pickle)
-    if spec.kind == "moe":
-        return _load_moe(Path(spec.value))
-    return load_model(spec, allow_pickle=allow_pickle)
+    if spec.kind not in ("adapter", "moe"):
+        if base is not None:
+            raise ConfigError(f"--base {base}: {spec} is a whole model, not an adapter or a mixture; --base names the base an adapter is loaded on")
+        return load_model(spec, allow_pickle=allow_pickle)
+    path = Path(spec.value)
+    named, origin = (base, "--base") if base is not None else recorded_base_of(path)
+    try:
+        model, tokenizer = load_model(named, allow_pickle=allow_pickle)
+    except ModelError as exc:
+        override = "give another spec with --base" if base is not None else "give the base with --base SPEC (a folder, bundled:NAME or a hub id)"
+        raise ModelError(f"{path}: {origin} names the base {named!r}, which cannot be loaded: {exc}; {override}") from exc
+    manifest = read_manifest(path)
+    if manifest and manifest.get("base_fingerprint") not in (None, model.cairn_fingerprint):
+        raise ModelError(
+            f"{path} was made on a base with fingerprint {manifest['base_fingerprint'][:12]}, but {named} ({origin}) has "
+            f"{model.cairn_fingerprint[:12]}; give the base it was made on with --base"
+        )
+    base_name, fp = model.cairn_base, model.cairn_fingerprint
+    model = _attach_moe(path, model) if spec.kind == "moe" else _attach_adapter(path, model, allow_pickle=allow_pickle)
+    model.eval()
+    model.cairn_base, model.cairn_fingerprint = base_name, fp
+    return model, tokenizer
 
 
-def _load_adapter(path: Path, *, allow_pickle: bool):
+def _attach_adapter(path: Path, model, *, allow_pickle: bool):
     from peft import PeftModel
 
     pickled_ok = allow_pickle and (path / "adapter_model.bin").is_file()
     if not (path / "adapter_model.safetensors").is_file() and not pickled_ok:
         raise ModelError(f"{path}: adapter_model.safetensors not found (pickled adapters need --allow-pickle)")
-    base = adapter_base(path)
-    model, tokenizer = load(base, allow_pickle=allow_pickle)
-    manifest = read_manifest(path)
-    if manifest and manifest.get("base_fingerprint") not in (None, model.cairn_fingerprint):
-        raise ModelError(
-            f"{path} was trained on a base with fingerprint {manifest['base_fingerprint'][:12]}, "
-            f"but {base} has {model.cairn_fingerprint[:12]}"
-        )
-    fp = model.cairn_fingerprint
-    model = PeftModel.from_pretrained(model, str(path))
-    model.eval()
-    model.cairn_base, model.cairn_fingerprint = base, fp
-    return model, tokenizer
+    return PeftModel.from_pretrained(model, str(path))
 
 
-def _load_moe(path: Path):
-    from cairn.methods.moe.lora_moe import load_moe, moe_base
+def _attach_moe(path: Path, model):
+    from cairn.methods.moe.lora_moe import load_moe
 
-    model, tokenizer = load(moe_base(path))
-    base, fp = model.cairn_base, model.cairn_fingerprint
-    model = load_moe(path, model).eval()
-    model.cairn_base, model.cairn_fingerprint = base, fp
-    return model, tokenizer
+    return load_moe(path, model)
 
 
-def adapter_base(path: Path) -> str:
-    """The base spec of an adapter folder: from its Cairn manifest, else its adapter_config.json."""
+def recorded_base_of(path: Path) -> tuple[str, str]:
+    """(the base spec an adapter or LoRA-MoE folder records, where it is recorded): its Cairn
+    manifest's, else a LoRA-MoE's moe.json or an adapter's adapter_config.json."""
     manifest = read_manifest(path)
     if manifest and manifest.get("base"):
-        return manifest["base"]
+        return str(manifest["base"]), "its cairn.json"
+    if (path / "moe.json").is_file():
+        from cairn.methods.moe.lora_moe import moe_base
+
+        return moe_base(path), "its moe.json"
     base = adapter_config(path).get("base_model_name_or_path")
     if not base:
-        raise ModelError(f"{path}: no base model recorded (cairn.json 'base' or adapter_config.json)")
-    return base
+        raise ModelError(f"{path}: no base model recorded (cairn.json 'base' or adapter_config.json 'base_model_name_or_path'); give it with --base SPEC")
+    return str(base), "its adapter_config.json"

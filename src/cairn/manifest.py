@@ -3,7 +3,8 @@
 Every producer (training, merging, mixing) writes its manifest through `contribution_manifest`,
 so every contribution carries the fields the store indexes it by (`kind`, `base`,
 `base_fingerprint`, `task`, `method`, `files`) plus its producer's own section (`train`, `merge`
-or `mix`), which also says which command made it.
+or `mix`), which also says which command made it, and a model card (`README.md`) saying the same
+for people. A contribution made elsewhere gets its manifest when it enters the store (`import`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 
 from cairn.errors import CairnError, DataError
 from cairn.io import atomic_write_json, read_json_object
+from cairn.model_card import CARD, model_card
 
 MANIFEST = "cairn.json"
-PRODUCERS = ("train", "merge", "mix")  # the commands that make contributions; each writes its own section
+# What makes contributions, each writing its own section: three commands, and `cairn store add
+# --base`, which describes a contribution made elsewhere (in the store's copy, not in its folder).
+PRODUCERS = ("train", "merge", "mix", "import")
 
 def _link_target(link: Path, root: Path) -> Path:
     """The file a symbolic link inside `root` stands for, or a DataError naming the link and its target.
@@ -138,12 +142,12 @@ def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
     return problems
 
 
-def contribution_manifest(folder: Path, producer: str, details: dict, *, kind: str, task: str, method: str, made_from: dict,
-                          known: dict[str, str] | None = None, **fields) -> dict:  # fmt: skip
-    """Write `folder`'s manifest and return it: the fields every contribution has (`kind`: adapter,
-    model or moe; `task`; `method`; `made_from`'s `base` and `base_fingerprint`, and any other
-    provenance it holds), `fields`, the `producer`'s section (`details`) and the hashes of the
-    folder's files (`known`: those computed while writing)."""
+def describe(folder: Path, producer: str, details: dict, *, kind: str, task: str, method: str, made_from: dict,
+             known: dict[str, str] | None = None, **fields) -> dict:  # fmt: skip
+    """The manifest of the contribution in `folder`, written nowhere: the fields every contribution
+    has (`kind`: adapter, model or moe; `task`; `method`; `made_from`'s `base` and
+    `base_fingerprint`, and any other provenance it holds), `fields`, the `producer`'s section
+    (`details`) and the hashes of the folder's files (`known`: those computed while writing)."""
     if producer not in PRODUCERS:
         raise ValueError(f"producer {producer!r}: expected one of {', '.join(PRODUCERS)}")
     missing = [key for key in ("base", "base_fingerprint") if not made_from.get(key)]
@@ -151,6 +155,15 @@ def contribution_manifest(folder: Path, producer: str, details: dict, *, kind: s
         raise ValueError(f"a contribution's manifest records its base: made_from lacks {', '.join(missing)}")
     manifest = {"schema": 1, "kind": kind, "task": task, "method": method, **made_from, **fields, producer: details}
     manifest["files"] = file_hashes(Path(folder), known)
+    return manifest
+
+
+def contribution_manifest(folder: Path, producer: str, details: dict, **described) -> dict:
+    """Write the model card (`README.md`, replacing PEFT's empty template) and the manifest of the
+    contribution being made in `folder`, and return the manifest (see `describe`)."""
+    manifest = describe(folder, producer, details, **described)
+    (Path(folder) / CARD).write_text(model_card(manifest), encoding="utf-8")
+    manifest["files"][CARD] = _sha256(Path(folder) / CARD)
     write_manifest(Path(folder), manifest)
     return manifest
 

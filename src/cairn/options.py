@@ -25,22 +25,23 @@ DEFAULT_LR = {"lora": 1e-3, "fft": 2e-5}
 class TrainConfig(Strict):
     """Hyper-parameters of one training run; unknown keys are errors."""
 
-    method: Literal[TRAIN_METHODS] = "lora"  # type: ignore[valid-type]
-    epochs: int = Field(8, ge=1)
-    lr: float | None = Field(None, gt=0, description="default: 1e-3 for LoRA, 2e-5 for FFT")
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: float | None = Field(None, gt=0, description="default: 2 * lora_r")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    max_length: int = Field(1024, ge=8)
-    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
-    bf16: bool | Literal["auto"] = "auto"
+    # Each description is also the `cairn train` flag's help; `shown_default` where the default is computed.
+    method: Literal[TRAIN_METHODS] = Field("lora", description="lora: a LoRA adapter; fft: all weights (a full model folder)")  # type: ignore[valid-type]
+    epochs: int = Field(8, ge=1, description="passes over the training examples")
+    lr: float | None = Field(None, gt=0, description="peak learning rate", json_schema_extra={"shown_default": "1e-3 for LoRA, 2e-5 for FFT"})
+    batch_size: int = Field(16, ge=1, description="examples per step (per process)")
+    grad_accum: int = Field(1, ge=1, description="steps whose gradients are summed before each optimizer update")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the updates over which the learning rate rises from 0")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="the learning rate's decay after warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient's norm to this (null in a config: no clipping)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (the update is scaled by alpha / r)", json_schema_extra={"shown_default": "2 x lora_r"})
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names LoRA adapts, or all-linear (every linear layer but the output head)")
+    max_length: int = Field(1024, ge=8, description="tokens per example; longer ones are cut")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds data order, initialisation and dropout")  # numpy's seed range
+    bf16: bool | Literal["auto"] = Field("auto", description="train under bfloat16 autocast (auto: where the device computes bf16 natively)")
 
     @property
     def learning_rate(self) -> float:

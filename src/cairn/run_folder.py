@@ -41,26 +41,36 @@ def recorded_config(out: Path) -> dict | None:
     return None
 
 
-def claim(out: Path | str, config: dict, *, overwrite: bool = False) -> None:
-    """Make `out` the folder of the run of `config`, or refuse (see the module's docstring)."""
+def check(out: Path | str, config: dict, *, overwrite: bool = False) -> str:
+    """What claiming `out` for the run of `config` would do, writing nothing: "start" (a new or
+    empty folder), "resume" (this config's run), "replace" (another run's folder, or one that is
+    not a run's, with `overwrite`); refused otherwise (see the module's docstring)."""
     out = Path(out)
     not_the_current_folder(out, "the run")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; choose another --out")
     entries = [p for p in out.iterdir() if p.name not in KEPT] if out.is_dir() else []
-    if entries:
-        recorded = recorded_config(out)
-        if recorded is None and not overwrite:
-            raise ConfigError(f"--out {out}: exists and is not a Cairn run folder (no {RUN_FILE} or results.json); choose another --out, or pass --overwrite to replace its contents")
-        if recorded is not None and identity(recorded) != identity(config) and not overwrite:
-            changed = sorted(k for k in set(identity(recorded)) | set(identity(config)) if recorded.get(k) != config.get(k))
-            raise ConfigError(
-                f"--out {out}: holds the run of another config (differs in: {', '.join(changed)}); "
-                "choose another --out, or pass --overwrite to replace that run's results"
-            )
-        if recorded is None or identity(recorded) != identity(config):
-            keep = KEPT if recorded is not None else (".lock",)  # a cache/ of a folder that is not a run's is not ours
-            for entry in (p for p in out.iterdir() if p.name not in keep):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            log.info(f"--overwrite: removed the earlier contents of {out}" + (" (kept cache/)" if recorded is not None else ""))
+    if not entries:
+        return "start"
+    recorded = recorded_config(out)
+    if recorded is None and not overwrite:
+        raise ConfigError(f"--out {out}: exists and is not a Cairn run folder (no {RUN_FILE} or results.json); choose another --out, or pass --overwrite to replace its contents")
+    if recorded is not None and identity(recorded) != identity(config) and not overwrite:
+        changed = sorted(k for k in set(identity(recorded)) | set(identity(config)) if recorded.get(k) != config.get(k))
+        raise ConfigError(
+            f"--out {out}: holds the run of another config (differs in: {', '.join(changed)}); "
+            "choose another --out, or pass --overwrite to replace that run's results"
+        )
+    return "resume" if recorded is not None and identity(recorded) == identity(config) else "replace"
+
+
+def claim(out: Path | str, config: dict, *, overwrite: bool = False) -> None:
+    """Make `out` the folder of the run of `config`, or refuse (see the module's docstring)."""
+    out = Path(out)
+    if check(out, config, overwrite=overwrite) == "replace":
+        ours = recorded_config(out) is not None
+        keep = KEPT if ours else (".lock",)  # a cache/ of a folder that is not a run's is not ours
+        for entry in (p for p in out.iterdir() if p.name not in keep):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        log.info(f"--overwrite: removed the earlier contents of {out}" + (" (kept cache/)" if ours else ""))
     atomic_write_json(out / RUN_FILE, {"schema": 1, "config": config})

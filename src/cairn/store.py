@@ -26,6 +26,7 @@ from cairn.manifest import (
     files_digest,
     read_manifest,
     verify_files,
+    write_manifest,
 )
 
 log = logging.getLogger("cairn")
@@ -105,16 +106,20 @@ class Store:
         text = re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("._-")[: cls.ID_MAX - len(suffix)]
         return text + suffix if text else digest[:10]
 
-    def add(self, path: Path | str, name: str | None = None) -> dict:
+    def add(self, path: Path | str, name: str | None = None, *, manifest: dict | None = None) -> dict:
         """Copy the contribution at `path` into the store (after checking its files) and index it.
+        `manifest` describes one made elsewhere, which has none (`describe_made_elsewhere`): it is
+        written into the store's copy only.
 
         Temporaries that killed adds left in `items/` are removed first. A folder `items/ID` that
         the index does not list (an add killed between its rename and its index write) is indexed
         if it holds this very contribution, and replaced otherwise; the log says which."""
         path = Path(path)
-        manifest = read_manifest(path) if path.is_dir() else None
         if manifest is None:
-            raise DataError(f"{path}: not a Cairn contribution (no {MANIFEST}); make one with `cairn train`")
+            manifest = read_manifest(path) if path.is_dir() else None
+        if manifest is None:
+            raise DataError(f"{path}: not a Cairn contribution (no {MANIFEST}); make one with `cairn train`, or add one made elsewhere "
+                            "with `cairn store add PATH --base BASE` (the base it was trained on)")
         for key in ("base_fingerprint", "task", "method", "files"):
             if key not in manifest:
                 raise DataError(f"{path}/{MANIFEST}: missing field {key!r}")
@@ -136,6 +141,8 @@ class Store:
         try:
             try:
                 copied = _copy(contents, tmp)
+                if not (tmp / MANIFEST).is_file():  # one made elsewhere: its manifest is the store's
+                    write_manifest(tmp, manifest)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise CairnError(f"{self.items}: the disk filled up while copying {path}; the store is unchanged (free some space and rerun)") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 from cairn.data.task import Task
@@ -9,6 +10,8 @@ from cairn.data.lm_eval import LmEvalProbe
 from cairn.evaluation.generation import generate
 from cairn.evaluation.lm_eval_probe import run_probe
 from cairn.evaluation.metrics import score
+
+log = logging.getLogger("cairn")
 
 
 @dataclass
@@ -36,6 +39,18 @@ def single_line(task: Task) -> bool:
     return not any("\n" in ex.answer.strip() for split in task.splits.values() for ex in split)
 
 
+def warn_if_mostly_empty(task: str, split: str, predictions: list[str], *, stopped_at_newline: bool) -> None:
+    """Say so when most predictions are empty: they score 0 whatever the model knows, and the cause
+    is usually the prompt format, not the knowledge (the bundled instruct model, prompted without
+    its chat template, starts every answer with a newline and scored 0.0 on 81 of 81)."""
+    empty = sum(not p.strip() for p in predictions)
+    if predictions and empty > len(predictions) / 2:
+        why = ["an instruction-tuned model may need its chat template (--chat-template; `chat_template: true` in a config)"]
+        if stopped_at_newline:
+            why.append("generation stops at the first newline (no answer of the task spans lines), so an answer that starts with one is empty")
+        log.warning(f"{task} {split}: {empty} of {len(predictions)} predictions are empty and score 0; " + "; ".join(why))
+
+
 def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_size: int = 32, progress: bool = False) -> EvalResult:
     """Greedy-decode every prompt of `task`'s split and score it; keeps per-example predictions.
     An lm-eval probe is run by lm-evaluation-harness instead (its predictions: one row per task)."""
@@ -58,4 +73,5 @@ def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_si
         for ex, p in zip(examples, preds)
     ]
     mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
+    warn_if_mostly_empty(task.name, split, preds, stopped_at_newline=single_line(task))
     return EvalResult(task.name, task.metric, split, len(rows), mean, rows)
