@@ -110,3 +110,102 @@ def test_report_on_a_results_file_that_is_not_an_object(capsys, tmp_path):
 def test_run_resume_needs_a_run_to_continue(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "holds no interrupted run" in capsys.readouterr().err
+
+
+def _subcommands(parser):
+    """(name, parser) of every subcommand, nested ones as 'store add'."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", p) for n, p in _subcommands(sub))
+
+
+def test_every_option_of_every_command_has_a_description_and_says_its_default():
+    from cairn.cli import _parser
+
+    for name, sub in _subcommands(_parser()):
+        for action in sub._actions:
+            if action.option_strings == ["-h", "--help"] or not action.option_strings and action.nargs == 0:
+                continue
+            if type(action).__name__ == "_SubParsersAction":
+                continue
+            assert action.help, f"cairn {name} {action.option_strings or action.dest}: no help"
+            if action.default not in (None, False) and not isinstance(action.default, bool):
+                assert "default" in action.help, f"cairn {name} {action.option_strings}: its default {action.default!r} is not shown"
+
+
+def test_cairn_train_has_a_flag_for_every_training_setting_and_passes_it_through(tmp_path, write_jsonl):
+    from cairn.cli import _TRAIN_FLAGS
+    from cairn.manifest import read_manifest
+    from cairn.options import TrainConfig
+
+    assert set(_TRAIN_FLAGS) == set(TrainConfig.model_fields)
+    argv = ["train", "--base", "tiny-random", "--task", str(write_jsonl(qa(20))), "--out", str(tmp_path / "a"), "--no-eval", "--epochs", "1",
+            "--lora-alpha", "8", "--max-length", "64", "--grad-accum", "2", "--warmup-ratio", "0.2", "--bf16", "false", "--target-modules", "q_proj", "v_proj"]  # fmt: skip
+    assert main(argv) == 0
+    settings = read_manifest(tmp_path / "a")["hyperparameters"]
+    assert (settings["lora_alpha"], settings["max_length"], settings["grad_accum"], settings["warmup_ratio"], settings["bf16"], settings["target_modules"]) == (
+        8.0, 64, 2, 0.2, False, ["q_proj", "v_proj"])  # fmt: skip
+
+
+def test_cairn_version_and_the_merge_usage_shows_its_two_required_forms(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"cairn {version('cairn-llm')}"
+    assert main(["merge", "--help"]) == 0
+    assert "(--method METHOD --base BASE --inputs INPUT [INPUT ...] | --config MERGEKIT_YAML) --out OUT" in capsys.readouterr().out
+
+
+def test_eval_limit_scores_a_sample_and_most_predictions_empty_is_a_warning_naming_the_likely_causes(capsys, write_jsonl, monkeypatch):
+    source = str(write_jsonl(qa(40)))
+    monkeypatch.setattr("cairn.evaluation.evaluate.generate", lambda model, tokenizer, prompts, **kw: [""] * len(prompts))
+    assert main(["eval", "--model", "tiny-random", "--task", source, "--split", "train", "--limit", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "task train exact: 0.0000 (n=5)" in captured.out
+    assert "5 of 5 predictions are empty and score 0" in captured.err and "--chat-template" in captured.err and "first newline" in captured.err
+
+
+def test_generate_with_chat_template_wraps_the_prompt_as_the_users_turn(capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr("cairn.evaluation.generate", lambda model, tokenizer, prompts, **kw: seen.extend(prompts) or ["ok"])
+    assert main(["generate", "--model", "tiny-random", "What is 2+2?", "--chat-template"]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    assert seen[0] != "What is 2+2?" and "What is 2+2?" in seen[0] and seen[0].rstrip().endswith("assistant")
+
+
+def test_tables_written_to_a_file_or_pipe_are_never_cut_to_80_columns(capsys, tmp_path):
+    from cairn.manifest import file_hashes, write_manifest
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"w")
+    write_manifest(folder, {"schema": 1, "kind": "adapter", "base": "tiny-random", "base_fingerprint": "ab" * 32, "task": "a-rather-long-task-name-of-a-party",
+                            "method": "lora", "files": file_hashes(folder)})  # fmt: skip
+    name = "a-rather-long-task-name-of-a-party-lora-0123456789-and-more"
+    assert main(["store", "--store", str(tmp_path / "s"), "add", str(folder), "--name", name]) == 0
+    capsys.readouterr()
+    assert main(["store", "--store", str(tmp_path / "s"), "list"]) == 0
+    assert name in capsys.readouterr().out  # whole, on one line: the ID a user copies
+
+
+def test_run_check_validates_and_prints_the_plan_without_training_and_refuses_what_the_run_would(capsys, tmp_path, write_jsonl):
+    source = write_jsonl(qa(20))
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: checked\nbase: tiny-random\ntasks: [{{source: {source}}}]\nstrategies: [{{name: seq, kind: sequential}}]\nseeds: [0, 1]\n"
+                      f"out: {tmp_path / 'out'}\n")  # fmt: skip
+    assert main(["run", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was trained" in out and "1 strategies x 1 stages x 2 seed(s) [0, 1] = at most 2 trainings" in out and "a new run starts there" in out
+    assert not (tmp_path / "out").exists()
+    config.write_text(config.read_text().replace(str(source), str(tmp_path / "missing.jsonl")))
+    assert main(["run", str(config), "--check"]) == 3
+    assert "missing.jsonl" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    config.write_text(config.read_text().replace(str(tmp_path / "missing.jsonl"), str(source)))
+    assert main(["run", str(config), "--check"]) == 4
+    assert "is not a Cairn run folder" in capsys.readouterr().err and (tmp_path / "out" / "notes.txt").read_text() == "mine"

@@ -452,3 +452,52 @@ def test_everything_the_store_writes_follows_the_umask_not_the_sources_modes(tmp
         assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~umask, p
     if (store / ".lock").exists():
         assert stat.S_IMODE((store / ".lock").stat().st_mode) & ~(0o666 & ~umask) == 0
+
+
+def _plain_peft_adapter(tiny, folder: Path, r: int = 4) -> Path:
+    """A LoRA adapter saved by PEFT alone, as a party without Cairn makes one: no cairn.json."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_a_plain_peft_adapter_enters_the_store_with_the_base_named_and_gets_a_manifest_there(tiny, tmp_path, capsys):
+    folder = _plain_peft_adapter(tiny, tmp_path / "theirs")
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["store", "--store", str(tmp_path / "s"), "add", str(folder)]) == 3
+    assert "cairn store add PATH --base BASE" in capsys.readouterr().err  # says how to add one made elsewhere
+    assert main(["store", "--store", str(tmp_path / "s"), "add", str(folder), "--base", "tiny-random", "--task", "their-task"]) == 0
+    entry = Store(tmp_path / "s").list()[0]
+    assert (entry["task"], entry["method"], entry["kind"], entry["base"]) == ("their-task", "lora", "adapter", "tiny-random")
+    assert entry["base_fingerprint"] == tiny[0].cairn_fingerprint
+    stored = Store(tmp_path / "s").show(entry["id"])
+    assert stored["import"]["base_named_by"] == "--base" and Store(tmp_path / "s").verify() == {entry["id"]: []}
+    assert sorted(p.name for p in folder.iterdir()) == before  # the owner's folder is left as it was
+
+    from cairn.contributions import load
+
+    assert load(str(Store(tmp_path / "s").path(entry["id"])))[0].cairn_fingerprint == tiny[0].cairn_fingerprint
+
+
+def test_an_adapter_made_elsewhere_that_does_not_fit_the_named_base_or_already_has_a_manifest_is_refused(tiny, tmp_path, capsys):
+    from cairn import api
+    from cairn.data import Example, Task
+    from cairn.errors import ConfigError
+
+    folder = _plain_peft_adapter(tiny, tmp_path / "theirs")
+    header = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**header, "peft_type": "IA3"}))
+    with pytest.raises(ModelError, match="a IA3 adapter; Cairn combines LoRA adapters only"):
+        api.store_add(folder, store=tmp_path / "s", base="tiny-random")
+    task = Task("t", "exact", {"train": [Example("q", "a")] * 4})
+    api.train(task, tmp_path / "ours", base="tiny-random", epochs=1, batch_size=4, progress=False)
+    with pytest.raises(ConfigError, match="has a Cairn manifest, which names its base; add it without --base"):
+        api.store_add(tmp_path / "ours", store=tmp_path / "s", base="tiny-random")
+    with pytest.raises(ConfigError, match="--task names a contribution made elsewhere"):
+        api.store_add(tmp_path / "ours", store=tmp_path / "s", task="x")
+    assert not (tmp_path / "s" / "index.json").exists()

@@ -167,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help=f"softmax temperature of the router scores (default: {temperatures})")
     p.add_argument("--threshold", type=float, help="centroid: distance at which the base model ties an expert (default 2)")
     p.add_argument("--granularity", choices=["sequence", "token"], help="route once per prompt (default) or per token (arrow: per token only)")
-    p.add_argument("--general", help="arrow: GenKnowSub's general adapter subtracted from every expert: 'mean' (of the inputs) or an adapter folder")
+    p.add_argument("--general", help="arrow: GenKnowSub's general adapter subtracted from every expert: 'mean' (of the inputs) or an adapter folder (default: none subtracted)")
     p.add_argument("--tasks", nargs="+", help="trained router: one task source per input, the labelled data to train it on")
-    p.add_argument("--shared", choices=MIXTRAL_SHARED, default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average")
+    p.add_argument("--shared", choices=MIXTRAL_SHARED, default="base", help="full fine-tunes: attention, norms and embeddings from the base or their average (default: base)")
     _add_output(p, "mix", "output folder (loads with cairn eval / cairn generate)")
 
     p = _command(sub, "run", _cmd_run, "run an experiment: strategies x seeds over a task stream, then report")
@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "sweep", _cmd_sweep, "run an experiment over a grid of strategy settings x seeds x task orders; mean and 95%% CI per grid point")
     p.add_argument("config", type=Path, help="experiment YAML; its `sweep:` section gives the defaults of the options below")
     p.add_argument("--set", action="append", default=[], metavar="strategies.NAME.KEY=V1,V2,...",
-                   help="values of one strategy setting (an option, or train.FIELD); repeat for a grid")
+                   help="values of one strategy setting (an option, or train.FIELD); repeat for a grid (default: the sweep section's grid)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the sweep's, else the config's)")
     p.add_argument("--orders", type=int, help="task orders: the config's, then K-1 other seeded permutations (default 1)")
     p.add_argument("--out", type=Path, help="output folder (default: the config's out)")
@@ -222,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(dsub, "inspect", _cmd_data_inspect, "sizes, splits, metric and a few examples of a task source")
     p.add_argument("source", help="task source: FILE.jsonl|FILE.json|FOLDER|pack:NAME|probe:NAME")
     p.add_argument("--metric", choices=METRICS, help="score with this metric instead of the task's (default: the task's)")
-    p.add_argument("-n", type=int, default=3, help="examples to show per split")
+    p.add_argument("-n", type=int, default=3, help="examples to show per split (default: 3)")
     return parser
 
 
