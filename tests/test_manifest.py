@@ -52,3 +52,23 @@ def test_a_merge_and_a_mixture_of_contributions_can_be_added_to_the_store(tmp_pa
     assert merged["base_fingerprint"] == mixed["base_fingerprint"] == fingerprint
     assert store.verify() == {merged["id"]: [], mixed["id"]: []}
     assert (made_by(tmp_path / "merged"), made_by(tmp_path / "mixed"), made_by(tmp_path / "alpha")) == ("merge", "mix", "train")
+
+
+def test_merges_and_mixtures_say_what_they_are_made_of_and_an_adapter_merge_names_its_base_as_given(tmp_path):
+    import json
+
+    from cairn import api
+    from cairn.data import Example, Task
+
+    inputs = []
+    for name in ("alpha", "beta"):
+        task = Task(name, "exact", {"train": [Example(f"{name} q{i}", f"a{i}") for i in range(4)]})
+        api.train(task, tmp_path / name, base="tiny-random", epochs=1, batch_size=4, lr=1e-2, progress=False)
+        inputs.append(str(tmp_path / name))
+    api.merge(inputs, tmp_path / "merged", base="tiny-random", method="ties", density=0.5, adapter_rank=4, progress=False)
+    api.mix(inputs, tmp_path / "mixed", base="tiny-random", router="uniform", progress=False)
+    fingerprint = read_manifest(tmp_path / "alpha")["base_fingerprint"]
+    assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random"
+    for folder, made in (("merged", "`cairn merge` (ties, delta) of 2 inputs"), ("mixed", "`cairn mix`, router uniform")):
+        card = (tmp_path / folder / "README.md").read_text()
+        assert made in card and fingerprint in card and all(f"`{i}`" in card for i in inputs), folder
