@@ -182,3 +182,18 @@ def test_unknown_user_in_a_home_path_is_a_data_error():
 def test_pack_options_take_plain_integers_only(value):
     with pytest.raises(DataError, match="option 'facts' must be an integer"):
         load_task(f"pack:people?facts={value}")
+
+
+def test_a_folder_or_file_source_with_a_limit_keeps_a_seeded_sample_of_each_split(tmp_path, write_jsonl):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for split, n in (("train", 30), ("test", 8)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"{split} q{i}", "answer": f"a{i}"}) + "\n" for i in range(n)))
+    task = load_task(f"{folder}?limit=5")
+    assert (len(task.train), len(task.test), task.name) == (5, 5, "big")
+    assert task.train == load_task(f"{folder}?limit=5").train and set(task.train) <= set(load_task(str(folder)).train)
+    assert len(load_task(f"{write_jsonl(qa(20))}?limit=3").train) == 3
+    with pytest.raises(DataError, match=r"'facts=5' after '\?' is not an option of a file or folder source, which takes limit=N"):
+        load_task(f"{folder}?facts=5")
+    with pytest.raises(DataError, match="limit must be a whole number of examples, at least 1, got '0'"):
+        load_task(f"{folder}?limit=0")

@@ -1,5 +1,8 @@
 """Turn a task source (file, TRACE folder, `datasets` folder, `pack:NAME`, `probe:NAME`) into a `Task`.
 
+A file or folder source may end in `?limit=N`: each split cut to a seeded sample of at most N
+examples (as a config's `limit`), for a quick look at a large task.
+
 Every user error names the file, the line or record and what was expected.
 """
 
@@ -50,6 +53,7 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     elif source.startswith("probe:"):
         task = load_probe(source.split(":", 1)[1])
     else:
+        source, limit = _path_options(source)
         try:
             path = Path(source).expanduser()
         except RuntimeError as exc:  # `~user` for a user who does not exist
@@ -60,6 +64,8 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
             task = _load_folder(path, seed)
         else:
             task = _from_records(path.stem, _read_records(path), "exact", seed, str(path))
+        if limit is not None:
+            task = task.limited(dict.fromkeys(SPLITS, limit), seed)
     if metric:
         task.metric = metric
     if name:
@@ -67,6 +73,19 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     if not any(task.splits.values()):
         raise DataError(f"{source}: no examples")
     return task
+
+
+def _path_options(source: str) -> tuple[str, int | None]:
+    """(path, limit) of a file or folder source `PATH?limit=N`; a path that exists as written keeps its '?'."""
+    path, mark, query = source.rpartition("?")
+    if not mark or Path(source).expanduser().exists():
+        return source, None
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    if set(options) != {"limit"}:
+        raise DataError(f"{source}: {query!r} after '?' is not an option of a file or folder source, which takes limit=N (or no such file: {path})")
+    if not (options["limit"].isascii() and options["limit"].isdigit() and 0 < int(options["limit"]) < 10**12):
+        raise DataError(f"{source}: limit must be a whole number of examples, at least 1, got {options['limit']!r}")
+    return path, int(options["limit"])
 
 
 def load_probe(name: str) -> Task:
