@@ -15,6 +15,8 @@ import re
 
 import yaml
 
+from cairn.options import DEFAULT_LR
+
 CARD = "README.md"
 _HUB_ID = r"^[\w.-]+/[\w.-]+$"
 _KINDS = {"adapter": "a PEFT LoRA adapter", "model": "a full Hugging Face model folder", "moe": "a Cairn LoRA-MoE folder (LoRA adapters and their router)"}
@@ -36,6 +38,20 @@ def _front_matter(manifest: dict) -> str:
 
 def _value(v) -> str:
     return f"`{json.dumps(v)}`" if not isinstance(v, str) else f"`{v}`"
+
+
+def _settings(hyperparameters: dict) -> list[str]:
+    """Table rows of a training's settings, the computed defaults (lr, lora_alpha) as their values,
+    LoRA's own settings left out of a full fine-tune's."""
+    method = hyperparameters.get("method")
+    computed = {"lr": DEFAULT_LR.get(method), "lora_alpha": 2 * hyperparameters["lora_r"] if "lora_r" in hyperparameters else None}
+    rows = []
+    for key, value in hyperparameters.items():
+        if key == "method" or method == "fft" and (key.startswith("lora_") or key == "target_modules"):
+            continue
+        shown = _value(value) if value is not None or computed.get(key) is None else f"{_value(computed[key])} (the default)"
+        rows.append(f"| {key} | {shown} |")
+    return rows
 
 
 def _made(manifest: dict) -> list[str]:
@@ -105,10 +121,10 @@ def model_card(manifest: dict) -> str:
     if manifest.get("data_hash"):
         rows.append(f"| data hash | `{manifest['data_hash']}` (sha256 of the task's examples) |")
     rows.append(f"| method | `{manifest['method']}` |")
-    for key, value in (manifest.get("hyperparameters") or {}).items():
-        rows.append(f"| {key} | {_value(value)} |")
+    rows += _settings(manifest.get("hyperparameters") or {})
     rows += _made(manifest)
     title = f"# {manifest['task']}: {manifest['method']}"
-    intro = (f"{_KINDS.get(kind, kind).capitalize()}, made with Cairn. "
+    what = _KINDS.get(kind, kind)
+    intro = (f"{what[0].upper()}{what[1:]}, made with Cairn. "
              "`cairn.json` beside this card records the same and every file's sha256 (`cairn store verify` checks them).")  # fmt: skip
     return "\n".join([_front_matter(manifest), title, "", intro, "", *rows, "", _how_to_load(manifest)])
