@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tqdm.auto import tqdm
-
 from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
 from cairn.data.task import Task
@@ -29,6 +27,7 @@ from cairn.manifest import MANIFEST, read_manifest
 from cairn.methods.moe.diagnostics import routing_accuracy
 from cairn.models import fingerprint, load_model
 from cairn.options import TrainConfig
+from cairn.progress import bar as progress_bar
 from cairn.report import build_results
 from cairn.strategies import STRATEGIES
 from cairn.tracking import log_stage, log_summary, open_tracker
@@ -186,7 +185,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
             stream = ((v, views[:i]) for i, v in enumerate(views)) if history else iter(views)
             stages = STRATEGIES[spec.kind](copy.deepcopy(base), stream, opts, train_cfg, work)
             model, failure, seen = None, {}, 0
-            for s, model in enumerate(tqdm(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress or not main), 1):
+            for s, model in enumerate(progress_bar(_until_diverged(stages, failure), total=len(tasks), desc=f"{spec.name} seed {seed}", disable=not progress or not main, leave=True), 1):
                 if not history:
                     views[s - 1].train.clear()  # a semi strategy cannot come back to this task's data
                 if not main:  # it trained its share; the main process evaluates and writes

@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 import psutil
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from cairn.checkpoints import Checkpoints, Resume, run_identity, set_rng_states
 from cairn.data.batching import IGNORE, encode, length_grouped_loader
@@ -29,6 +28,7 @@ from cairn.data.task import Example
 from cairn.errors import ConfigError, DataError, TrainingDiverged
 from cairn.models import causal_lm_of
 from cairn.options import TrainConfig
+from cairn.progress import bar as progress_bar
 from cairn.speedups import (
     attention_for,
     frozen_in_bf16,
@@ -294,7 +294,7 @@ def train(
     for key, value in (resume.progress if resume else {}).items():
         setattr(result, key, value)
     every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY[cfg.method]
-    bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
+    bar = progress_bar(total=total, initial=result.steps, desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window, extra_window = [], []  # per-batch losses of the current step (the extra term alone in extra_window)
     loss_of.train()

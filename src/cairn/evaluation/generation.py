@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from cairn.data.batching import left_padded, pad_id
 from cairn.errors import ConfigError
+from cairn.progress import bar as progress_bar
 
 # Fewest shared tokens worth a cached prefix: below this, copying the cache costs about what it saves.
 MIN_SHARED_PREFIX = 16
@@ -89,7 +89,7 @@ def generate(
     device = next(model.parameters()).device
     with torch.inference_mode():
         cache = prefix_cache(model, encoded[0][:shared], device) if shared else None
-        for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="generating", disable=not progress, leave=False):
             ids, mask = left_padded([encoded[i][shared:] for i in batch], pad, encoded[batch[0]][:shared])
             width = ids.shape[1]
             extra = {}

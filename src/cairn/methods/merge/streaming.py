@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from cairn.errors import ConfigError, ModelError
 from cairn.io import atomic_dir
@@ -25,6 +24,7 @@ from cairn.manifest import contribution_manifest, tasks_of
 from cairn.methods.merge.factors import merge_factors
 from cairn.methods.merge.methods import merge_tensor
 from cairn.options import MergeOptions
+from cairn.progress import bar as progress_bar
 from cairn.weights.adapters import AdapterWeights, open_input
 from cairn.weights.tensor_files import FolderWeights, SafetensorsWriter
 
@@ -92,7 +92,7 @@ def _merged_in_order(base_w, sources, names, opts, weights, progress, desc):
     # this model) merges to the base unless the method moves equal inputs: nothing to compute.
     skip = opts.keeps_the_base() and all(isinstance(s, AdapterWeights) for s in sources)
     touched = set().union(*(s.deltas for s in sources)) if skip else set(names)
-    for name in tqdm(names, desc=desc, disable=not progress, leave=False):
+    for name in progress_bar(names, desc=desc, disable=not progress, leave=False):
         base = base_w.get(name)
         if name in touched:
             yield name, base, merge_tensor(opts, name, base, [s.get(name) for s in sources], weights)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from cairn.errors import ModelError
 from cairn.io import atomic_dir, read_json_object
@@ -25,6 +24,7 @@ from cairn.manifest import contribution_manifest, tasks_of
 from cairn.methods.moe import statistics
 from cairn.methods.moe.routing import centroid_router, random_router
 from cairn.options import MIXTRAL_ROUTERS, MIXTRAL_SHARED, TEMPERATURE
+from cairn.progress import bar as progress_bar
 from cairn.weights.adapters import open_input
 from cairn.weights.tensor_files import STORAGE, FolderWeights, SafetensorsWriter
 
@@ -231,7 +231,7 @@ def export_mixtral(
         with atomic_dir(Path(out), needed=needed) as tmp:
             writer = SafetensorsWriter(tmp / "model.safetensors", [(n, d, s) for n, d, s, _ in plan], metadata={"format": "pt"})
             try:
-                for name, _, _, make in tqdm(plan, desc=f"exporting Mixtral ({len(inputs)} experts)", disable=not progress, leave=False):
+                for name, _, _, make in progress_bar(plan, desc=f"exporting Mixtral ({len(inputs)} experts)", disable=not progress, leave=False):
                     writer.write(name, make())
             finally:
                 writer.close()

@@ -6,11 +6,11 @@ import random
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cairn.data.batching import IGNORE, collate, encode, pad_id
 from cairn.methods.moe.routing import routers
 from cairn.options import MoeOptions
+from cairn.progress import bar as progress_bar
 from cairn.training import answer_loss
 
 
@@ -30,7 +30,7 @@ def train_router(model, tokenizer, tasks: list, opts: MoeOptions, *, progress: b
     context = layers[0].context
     losses = []
     model.train()
-    for _ in tqdm(range(opts.router_epochs), desc="training the router", disable=not progress, leave=False):
+    for _ in progress_bar(range(opts.router_epochs), desc="training the router", disable=not progress, leave=False):
         rng.shuffle(examples)
         total = 0.0
         for i in range(0, len(examples), 16):
