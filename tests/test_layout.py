@@ -30,9 +30,9 @@ LAYERS = [
     ["cairn.weights"],
     ["cairn.data"],
     ["cairn.store"],
-    ["cairn.manifest"],
+    ["cairn.manifest", "cairn.model_card"],
     ["cairn.options"],
-    ["cairn.io", "cairn.errors", "cairn.distributed", "cairn.validation", "cairn.tracking", "cairn.run_folder"],
+    ["cairn.io", "cairn.errors", "cairn.distributed", "cairn.validation", "cairn.tracking", "cairn.run_folder", "cairn.progress"],
 ]
 
 

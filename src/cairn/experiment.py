@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from cairn import run_folder
 from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
 from cairn.data.task import Task
@@ -25,7 +26,7 @@ from cairn.evaluation.scores import summarize
 from cairn.io import atomic_write_json
 from cairn.manifest import MANIFEST, read_manifest
 from cairn.methods.moe.diagnostics import routing_accuracy
-from cairn.models import fingerprint, load_model
+from cairn.models import check_base, fingerprint, load_model, recorded_base
 from cairn.options import TrainConfig
 from cairn.progress import bar as progress_bar
 from cairn.report import build_results
@@ -136,6 +137,44 @@ class _Plan:
                 return
 
 
+def _check_task_train(cfg: ExperimentConfig, names: list[str]) -> None:
+    unknown = sorted({t for spec in cfg.strategies for t in spec.task_train} - set(names))
+    if unknown:
+        raise ConfigError(f"task_train names {', '.join(unknown)}; the tasks are {', '.join(names)}")
+
+
+def _described(task) -> dict:
+    if not isinstance(task, Task):  # an lm-eval probe: lm-eval holds its data
+        return {"name": task.name, "metric": task.metric, "examples": "lm-eval's own"}
+    return {"name": task.name, "metric": task.metric, "examples": {s: len(xs) for s, xs in task.splits.items()}}
+
+
+def check_experiment(cfg: ExperimentConfig, out: Path | None = None, *, overwrite: bool = False) -> dict:
+    """Everything a run of `cfg` reads before it trains, checked without loading a model: the base's
+    spec (`check_base`), every task and probe source, task_train's task names, the strategies'
+    adapter folders, and what the run folder `out` would do (start, resume, replace; refused as
+    `cairn run` would refuse it). Returns the plan: those, and what would be trained."""
+    base = check_base(cfg.base)
+    tasks, probe = cfg.load_tasks()
+    probes = cfg.load_probes()
+    _check_task_train(cfg, [t.name for t in tasks])
+    strategies = []
+    for spec in cfg.strategies:
+        opts, train = spec.typed_options(), cfg.train_config(spec, cfg.seeds[0])
+        general = getattr(opts, "general", None)
+        if general not in (None, "mean") and not (Path(general) / "adapter_config.json").is_file():
+            raise ConfigError(f"strategy {spec.name!r}: general {general!r} is not a LoRA adapter folder (no adapter_config.json there); give one, or 'mean'")
+        options = opts.model_dump(mode="json", exclude_defaults=True)
+        strategies.append({"name": spec.name, "kind": spec.kind, "method": train.method, "lr": train.learning_rate, "epochs": train.epochs, "options": options})
+    out = Path(out or cfg.out_dir())
+    return {
+        "name": cfg.name, "base": cfg.base, "base_checked": base, "setting": cfg.setting,
+        "tasks": [_described(t) for t in tasks], "probe": _described(probe) if probe else None, "probes": [_described(p) for p in probes],
+        "strategies": strategies, "seeds": list(cfg.seeds), "trainings": len(cfg.strategies) * len(tasks) * len(cfg.seeds),
+        "out": str(out), "out_state": run_folder.check(out, cfg.model_dump(mode="json"), overwrite=overwrite),
+    }  # fmt: skip
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Path | None = None, eval_splits: bool = False, progress: bool = True, log=print) -> dict | None:
     """Run every strategy for every seed; write per-stage rows and return the results dict. With
     `eval_splits`, every stage is also scored on the eval splits (each run's `eval` entry), for tuning.
@@ -155,15 +194,13 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
-    unknown = sorted({t for spec in cfg.strategies for t in spec.task_train} - set(names))
-    if unknown:
-        raise ConfigError(f"task_train names {', '.join(unknown)}; the tasks are {', '.join(names)}")
+    _check_task_train(cfg, names)
     if eval_splits:
         check_eval_splits(tasks, probe)
     plan = _Plan(tasks, tokenizer) if main else None
     if plan:
         plan.start(cfg, log)
-    work = Workspace(Path(cache) if cache else out / "cache", cfg.base, tokenizer, progress)
+    work = Workspace(Path(cache) if cache else out / "cache", recorded_base(cfg.base), tokenizer, progress)
     base_fp = fingerprint(base) if main else None
     r0, g0, p0 = _score_stage(work, base, base_fp, tasks, probe, probes) if main else ([], None, {})
     e0 = _score_eval(work, base, base_fp, tasks, probe) if main and eval_splits else None

@@ -77,7 +77,7 @@ def merge_models(
                             config[key] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
                     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             else:
-                stats["svd"] = _write_adapter(base_w, sources, names, opts, weights, tmp, adapter_rank, str(base), progress)
+                stats["svd"] = _write_adapter(base_w, sources, names, opts, weights, tmp, adapter_rank, str(made_from["base"]), progress)
             stats["wall_s"] = round(time.perf_counter() - start, 3)
             contribution_manifest(tmp, "merge", stats, kind="adapter" if adapter_rank else "model", task=tasks_of(inputs), method=f"merge-{opts.method}", made_from=made_from, known=known)
     finally:
