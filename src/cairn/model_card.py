@@ -72,9 +72,11 @@ def _made(manifest: dict) -> list[str]:
             rows.append(f"| as an adapter | rank {m['svd']['rank']}, relative error {m['svd']['relative_error']:.4f} |")
     if "mix" in manifest:
         m = manifest["mix"]
-        rows.append(f"| made by | `cairn mix`, router {m.get('router')} |")
-        rows.append(f"| mix options | {_value(m.get('options'))} |")
-        rows.extend(f"| expert | `{e}` |" for e in m.get("experts", []))
+        mixtral = m.get("method") == "mixtral"  # a Mixtral export records its inputs, and its settings at top level
+        rows.append(f"| made by | `cairn mix`, router {m.get('router')}" + (", exported as a Mixtral model" if mixtral else "") + " |")
+        settings = {k: m[k] for k in ("top_k", "shared", "temperature", "seed") if k in m} if mixtral else m.get("options")
+        rows.append(f"| mix options | {_value(settings)} |")
+        rows.extend(f"| expert | `{e}` |" for e in (m.get("inputs") if mixtral else m.get("experts")) or [])
     return rows
 
 

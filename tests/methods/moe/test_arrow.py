@@ -8,6 +8,7 @@ from peft import ArrowConfig, create_arrow_model
 from cairn.errors import ModelError
 from cairn.methods.moe.arrow import arrow_layers, arrow_weights
 from cairn.methods.moe.lora_moe import attach_experts, save_moe
+from cairn.models import fingerprint
 from cairn.options import MoeOptions
 from conftest import MADE_FROM
 from lora_adapters import fresh_base, three_experts  # noqa: F401 (fixtures)
@@ -79,7 +80,7 @@ def test_an_arrow_mixture_saves_and_loads_back_its_general_adapter_included(thre
     shutil.copytree(extra, general)
     opts = MoeOptions(router="arrow", general=str(general), top_k=1)
     mixed = attach_experts(fresh_base(), folders, opts)
-    save_moe(mixed, folders, opts, tmp_path / "mix", made_from=MADE_FROM)
+    save_moe(mixed, folders, opts, tmp_path / "mix", made_from={**MADE_FROM, "base_fingerprint": fingerprint(fresh_base())})  # loading checks it
     shutil.rmtree(general)  # the saved mixture holds its own copy
     assert not (tmp_path / "mix" / "router.safetensors").exists()  # PEFT rebuilds the router from the experts
     loaded, _ = load(str(tmp_path / "mix"))

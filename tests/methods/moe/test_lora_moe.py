@@ -12,6 +12,7 @@ from cairn.options import MoeOptions
 from cairn.methods.moe.diagnostics import arrow_prototype
 from cairn.methods.moe.routing import routers
 from cairn.methods.moe.lora_moe import attach_experts, save_moe
+from cairn.models import fingerprint
 from cairn.methods.moe.router_training import train_router
 from cairn.methods.moe.routing import topk_weights
 from conftest import MADE_FROM, code_tasks, stored_contribution
@@ -161,7 +162,7 @@ def test_saved_mixture_loads_through_contributions_load_with_the_same_outputs(ex
     folders, _, _ = experts
     opts = MoeOptions(router="random", seed=3)
     moe = attach_experts(base_copy(), folders, opts)
-    save_moe(moe, folders, opts, tmp_path / "mix", made_from=MADE_FROM)
+    save_moe(moe, folders, opts, tmp_path / "mix", made_from={**MADE_FROM, "base_fingerprint": fingerprint(base_copy())})  # loading checks it
     loaded, _ = load(str(tmp_path / "mix"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, moe(X).logits)

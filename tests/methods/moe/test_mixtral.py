@@ -111,7 +111,7 @@ def test_export_loads_as_mixtral_and_matches_cairns_reference(family, tmp_path, 
     manifest = json.loads((out / "cairn.json").read_text())
     assert manifest["kind"] == "model" and manifest["mix"] == stats
     assert (stats["router"], stats["top_k"], stats["shared"], stats["experts"]) == (router, top_k, shared, 3)
-    assert set(manifest["files"]) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja", "README.md"}
 
 
 def test_hub_layout_and_the_centroid_gate_in_the_file(family, tmp_path):
