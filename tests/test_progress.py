@@ -35,7 +35,7 @@ def lines(out: io.StringIO) -> list[str]:
 
 def test_a_bar_over_a_redirected_stderr_prints_plain_start_and_finish_lines(monkeypatch):
     stderr = redirected(monkeypatch)
-    assert list(bar(range(7), desc="lora on pack:people")) == list(range(7))
+    assert list(bar(range(7), desc="lora on pack:people", leave=True)) == list(range(7))
     text = stderr.getvalue()
     assert "\r" not in text and "\x1b" not in text
     first, *_, last = lines(stderr)
@@ -46,7 +46,7 @@ def test_a_bar_over_a_redirected_stderr_prints_plain_start_and_finish_lines(monk
 def test_an_interval_of_zero_prints_a_line_per_update_and_the_last_as_the_finish(monkeypatch):
     stderr = redirected(monkeypatch)
     monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "0")
-    with bar(total=4, desc="steps") as b:
+    with bar(total=4, desc="steps", leave=True) as b:
         for _ in range(4):
             b.update(1)
     # the last update's line is the finish line
@@ -56,9 +56,20 @@ def test_an_interval_of_zero_prints_a_line_per_update_and_the_last_as_the_finish
 def test_a_long_interval_prints_only_the_start_and_the_finish(monkeypatch):
     stderr = redirected(monkeypatch)
     monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "3600")
-    for _ in bar(range(50), desc="generating"):
+    for _ in bar(range(50), desc="seq-lora seed 0", leave=True):
         pass
     assert len(lines(stderr)) == 2
+
+
+def test_a_transient_bar_shows_its_end_only_where_it_showed_progress(monkeypatch):
+    stderr = redirected(monkeypatch)
+    monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "3600")
+    assert list(bar(range(50), desc="generating")) == list(range(50))
+    assert stderr.getvalue() == ""  # finished within the interval: no line, as tqdm's vanishes
+    monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "0")
+    for _ in bar(range(2), desc="generating"):
+        pass
+    assert [line.split(",")[0] for line in lines(stderr)] == ["generating: 1/2 (50%)", "generating: 2/2 (100%) done in 0:00:00"]
 
 
 def test_the_default_interval_is_thirty_seconds_and_a_bad_value_falls_back_with_a_note(monkeypatch):
@@ -81,7 +92,7 @@ def test_a_disabled_bar_prints_nothing(monkeypatch):
 def test_the_postfix_and_the_rate_appear_in_the_lines(monkeypatch):
     stderr = redirected(monkeypatch)
     monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "0")
-    b = bar(total=10, initial=2, desc="lora on people")
+    b = bar(total=10, initial=2, desc="lora on people", leave=True)
     b.set_postfix(epoch=1, loss="1.234")
     b.update(3)
     assert b.n == 5 and b.total == 10
@@ -99,7 +110,7 @@ def test_the_lines_go_to_the_stderr_of_the_moment_they_are_written(monkeypatch):
     monkeypatch.setenv("CAIRN_PROGRESS_INTERVAL", "0")
     before, after = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", before)
-    b = bar(total=2, desc="x")
+    b = bar(total=2, desc="x", leave=True)
     monkeypatch.setattr(sys, "stderr", after)
     b.update(1)
     assert before.getvalue().startswith("x: 0/2") and after.getvalue().startswith("x: 1/2")

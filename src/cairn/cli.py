@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cairn import api
+from cairn import api, progress
 from cairn.data.task import METRICS, SPLITS
 from cairn.distributed import is_main
 from cairn.errors import CairnError, ConfigError, TrainingDiverged
@@ -283,9 +283,7 @@ def _cmd_run(args) -> None:
             raise ConfigError("--check validates a run without starting one; drop --resume")
         _print_plan(api.check(args.config, args.out, overwrite=args.overwrite))
         return
-    from tqdm.auto import tqdm
-
-    results = api.run(args.config, args.out, resume=args.resume, overwrite=args.overwrite, log=tqdm.write)
+    results = api.run(args.config, args.out, resume=args.resume, overwrite=args.overwrite, log=progress.write)
     if results is None:  # a process other than the main one under `accelerate launch`
         return
     _print_summary(results)
@@ -312,23 +310,19 @@ def _print_plan(plan: dict) -> None:
 
 
 def _cmd_sweep(args) -> None:
-    from tqdm.auto import tqdm
-
     from cairn.config import parse_set
 
     seeds = _seeds(args.seeds)
     grid = dict(parse_set(text) for text in args.set)
-    summary = api.sweep(args.config, args.out, grid=grid, seeds=seeds, orders=args.orders, log=tqdm.write)
+    summary = api.sweep(args.config, args.out, grid=grid, seeds=seeds, orders=args.orders, log=progress.write)
     if summary is not None:  # None in the processes other than the main one under `accelerate launch`
         _print_sweep(summary)
 
 
 def _cmd_tune(args) -> None:
-    from tqdm.auto import tqdm
-
     seeds = _seeds(args.seeds)
     summary = api.tune(args.config, args.out, seeds=seeds, budget=args.budget, metric=args.metric, max_forgetting=args.max_forgetting,
-                       verdict=args.command == "tune", log=tqdm.write)
+                       verdict=args.command == "tune", log=progress.write)
     if summary is None:  # a process other than the main one under `accelerate launch`
         return
     metric = summary["metric"]
@@ -420,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the problem (2), or the help (0)
         return exc.code if isinstance(exc.code, int) else 2
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    progress.quiet_libraries()  # before transformers is imported: it reads its settings from the environment
     _log_to_stderr(args.command)
     try:
         args.handler(args)

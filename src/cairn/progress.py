@@ -1,8 +1,10 @@
 """Progress bars that suit where they are shown, log lines that do not break them, and quiet libraries.
 
 On a terminal `bar` is tqdm's bar. Elsewhere (stderr redirected to a file or a pipe) it prints
-plain lines instead: one when it starts, one at most every `CAIRN_PROGRESS_INTERVAL` seconds
-(default 30) and one when it finishes, e.g.
+plain lines instead: one at most every `CAIRN_PROGRESS_INTERVAL` seconds (default 30), and for a
+bar that stays on a terminal (`leave=True`: a run's stages) one when it starts and one when it
+finishes; a transient bar (an evaluation's batches, a training's steps) shows its end only where
+it showed progress, as tqdm's vanishes (a small run's log held 2 lines per evaluation otherwise), e.g.
 
     lora on people: 40/200 (20%), 3.1 it/s, 0:00:13 elapsed, eta 0:00:52, loss=1.234
 
@@ -65,14 +67,15 @@ class PlainBar:
     `close`, `with`, `n`, `total`), printing plain lines to `sys.stderr` as it is at each write."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, initial: float = 0,
-                 desc: str = "", disable: bool | None = False, unit: str = "it"):
+                 desc: str = "", disable: bool | None = False, leave: bool = False, unit: str = "it"):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable, self.total, self.n, self.initial = iterable, total, initial, initial
         self.desc, self.unit, self.disable, self.postfix = desc or "progress", unit, disable is not False, ""
-        self.interval, self.closed = _interval(), False
+        self.interval, self.closed, self.leave, self.shown = _interval(), False, leave, False
         self.start = self.last = time.monotonic()
-        self._print(f"{self._count()} started")
+        if leave:
+            self._print(f"{self._count()} started")
 
     def __iter__(self) -> Iterator:
         try:
@@ -109,6 +112,8 @@ class PlainBar:
         if self.closed:
             return
         self.closed = True
+        if not (self.leave or self.shown):  # a transient bar that never showed progress leaves no line
+            return
         now = time.monotonic()
         ended = "done in" if self.total is None or self.n >= self.total else "stopped after"
         self._print(f"{self._count()} {ended} {_clock(now - self.start)}, {self._rate(now)}" + (f", {self.postfix}" if self.postfix else ""))
@@ -137,15 +142,16 @@ class PlainBar:
     def _print(self, text: str) -> None:
         if not self.disable:
             print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+            self.shown = True
 
 
 def bar(iterable: Iterable | None = None, *, total: float | None = None, initial: float = 0, desc: str = "",
         disable: bool | None = False, leave: bool = False, unit: str = "it", **tqdm_options: Any) -> tqdm | PlainBar:
     """A progress bar: tqdm's on a terminal (or in a notebook), given every argument; elsewhere a
-    `PlainBar` printing plain lines (`leave` and `tqdm_options` concern only tqdm's display)."""
+    `PlainBar` printing plain lines (`tqdm_options` concern only tqdm's display)."""
     if _interactive():
         return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable, leave=leave, unit=unit, **tqdm_options)
-    return PlainBar(iterable, total=total, initial=initial, desc=desc, disable=disable, unit=unit)
+    return PlainBar(iterable, total=total, initial=initial, desc=desc, disable=disable, leave=leave, unit=unit)
 
 
 def write(message: str) -> None:
