@@ -381,16 +381,17 @@ def test_fuzz_config_files(case):
 # Surface 3: CLI arguments
 
 COMMANDS = {
-    "train": ["--base", "--task", "--metric", "--method", "--out", "--epochs", "--lr", "--lora-r", "--batch-size", "--seed", "--no-eval"],
-    "eval": ["--model", "--task", "--metric", "--split", "--batch-size", "--json", "--allow-pickle"],
-    "generate": ["--model", "--max-new-tokens", "--allow-pickle"],
+    "train": ["--base", "--task", "--metric", "--method", "--out", "--epochs", "--lr", "--lora-r", "--batch-size", "--seed", "--no-eval",
+              "--lora-alpha", "--max-length", "--grad-accum", "--warmup-ratio", "--bf16", "--target-modules"],
+    "eval": ["--model", "--task", "--metric", "--split", "--batch-size", "--json", "--allow-pickle", "--limit", "--base"],
+    "generate": ["--model", "--max-new-tokens", "--allow-pickle", "--chat-template", "--base"],
     "merge": ["--method", "--base", "--inputs", "--weights", "--density", "--lambda", "--normalize", "--no-normalize",
               "--seed", "--out", "--as-adapter", "--rank", "--store", "--config"],
     "mix": ["--base", "--inputs", "--router", "--top-k", "--temperature", "--threshold", "--granularity", "--tasks", "--shared",
             "--out", "--store"],
-    "run": ["--out"],
+    "run": ["--out", "--check"],
     "report": [],
-    "store": ["--store", "add", "list", "show", "verify", "--name"],
+    "store": ["--store", "add", "list", "show", "verify", "--name", "--base", "--task"],
     "data": ["packs", "inspect", "--metric", "-n"],
 }
 REQUIRED = {"train": ["--task", "--out"], "eval": ["--model", "--task"], "generate": ["--model"],
@@ -532,7 +533,7 @@ class _Scores:
         return {"score": self.score, "n": self.n}
 
 
-def _fake_load_model(spec, *, allow_pickle=False):
+def _fake_load_model(spec, *, allow_pickle=False, base=None):
     from cairn.models import ModelSpec
 
     ModelSpec.parse(spec)  # the spec is checked as the real loader checks it
