@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -70,6 +72,8 @@ def test_trace_config_reads_its_stream_from_data_dir(monkeypatch):
 
     root = Path(__file__).parents[1]
     monkeypatch.chdir(root)
+    assert load_config("configs/trace.yaml").data_dir == str(TRACE.resolve())  # read from configs/, as documented
+    monkeypatch.chdir(root / "src")  # anywhere else: the config's paths are read from its folder
     cfg = load_config(root / "configs" / "trace.yaml")
     tasks, probe = cfg.load_tasks()
     assert [t.name for t in tasks] == ["NumGLUE-cm", "NumGLUE-ds", "FOMC", "ScienceQA"]
@@ -169,3 +173,132 @@ def test_a_sweep_of_a_merges_lambda_reaches_its_options_and_a_point_its_router_c
     assert [s.typed_options().lambda_ for s in configs[0].strategies if s.kind == "merge"] == [0.2, 0.4]
     with pytest.raises(ConfigError, match=r"strategy 'u\.top_k-3' \(moe\): top_k does not apply to router uniform"):
         parse_config({**QUICKSTART, "strategies": strategies, "sweep": {"set": {"strategies.u.top_k": [3]}}})
+
+
+# --- paths: a config file's relative paths are read from its folder ---------------------------------
+
+
+def records(path, n=10):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def experiment(**keys):
+    return {**QUICKSTART, "strategies": QUICKSTART["strategies"][:1], "probe": None, **keys}
+
+
+def test_a_relative_task_source_is_read_from_the_config_files_folder_wherever_cairn_runs(tmp_path, monkeypatch):
+    records(tmp_path / "exp" / "data" / "a.jsonl")
+    path = write(tmp_path / "exp", experiment(tasks=[{"source": "data/a.jsonl"}]))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(path)
+    (task,), _ = cfg.load_tasks()
+    assert task.name == "a" and len(task.train) == 8
+    assert cfg.tasks[0].source == str(tmp_path / "exp" / "data" / "a.jsonl") and cfg.folder == tmp_path / "exp"
+
+
+def test_data_dir_is_read_from_the_config_files_folder_and_task_sources_from_data_dir(tmp_path, monkeypatch):
+    records(tmp_path / "data" / "a.jsonl")
+    records(tmp_path / "data" / "p.jsonl")
+    (tmp_path / "configs").mkdir()
+    path = write(tmp_path / "configs", experiment(data_dir="../data", tasks=["a.jsonl"], probe="p.jsonl"))
+    monkeypatch.chdir("/")
+    cfg = load_config(path)
+    assert cfg.data_dir == str(tmp_path / "data")  # .. collapsed
+    (task,), probe = cfg.load_tasks()
+    assert (task.name, probe.name) == ("a", "p")
+
+
+def test_out_is_read_from_the_config_files_folder_and_its_default_from_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    assert load_config(write(tmp_path, experiment(out="../runs/x"))).out_dir() == tmp_path.parent / "runs" / "x"
+    assert load_config(write(tmp_path, experiment(out=None, name="n"))).out_dir() == Path("runs") / "n"
+
+
+def test_absolute_home_and_built_in_sources_are_left_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    absolute = str(records(tmp_path / "abs.jsonl"))
+    sources = [absolute, "pack:people?facts=3", "probe:general", "~/h.jsonl"]
+    cfg = load_config(write(tmp_path, experiment(tasks=sources, probes=["lm-eval:hellaswag?limit=5"])))
+    assert [t.source for t in cfg.tasks] == [absolute, "pack:people?facts=3", "probe:general", str(tmp_path / "home" / "h.jsonl")]
+    assert [p.source for p in cfg.probes] == ["lm-eval:hellaswag?limit=5"]
+
+
+def test_an_lm_eval_probes_include_folder_is_read_from_the_config_files_folder_and_its_other_options_kept(tmp_path):
+    cfg = load_config(write(tmp_path, experiment(probe="lm-eval:mine?limit=5&include=tasks&fewshot=0")))
+    assert cfg.probe.source == f"lm-eval:mine?limit=5&include={tmp_path / 'tasks'}&fewshot=0"
+
+
+@pytest.mark.parametrize("base, resolved", [
+    ("tiny-random", None), ("bundled:smollm2-135m", None), ("org/name", None),
+    ("./model", "model"), ("model", "model"), ("models/m.gguf", "models/m.gguf"), ("../up/model", "../up/model"),
+])  # fmt: skip
+def test_a_base_folder_or_gguf_file_is_read_from_the_config_files_folder_and_a_model_spec_or_hub_id_is_not(tmp_path, monkeypatch, base, resolved):
+    import os
+
+    (tmp_path / "cfg").mkdir()
+    monkeypatch.chdir("/")
+    cfg = load_config(write(tmp_path / "cfg", experiment(base=base)))
+    assert cfg.base == (base if resolved is None else os.path.normpath(tmp_path / "cfg" / resolved))
+
+
+def test_an_org_name_base_that_is_a_folder_beside_the_config_is_that_folder(tmp_path):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert load_config(write(tmp_path, experiment(base="org/name"))).base == str(tmp_path / "org" / "name")
+
+
+def test_a_strategy_option_that_names_an_adapter_folder_is_read_from_the_config_files_folder(tmp_path):
+    strategies = [{"name": "a", "kind": "moe", "router": "arrow", "general": "adapters/g"}, {"name": "m", "kind": "moe", "router": "arrow", "general": "mean"}]
+    cfg = load_config(write(tmp_path, experiment(strategies=strategies, sweep={"set": {"strategies.m.general": ["mean", "adapters/h"]}})))
+    assert [s.options["general"] for s in cfg.strategies] == [str(tmp_path / "adapters" / "g"), "mean"]
+    assert cfg.sweep.set["strategies.m.general"] == ["mean", str(tmp_path / "adapters" / "h")]
+
+
+def test_a_missing_source_names_the_path_it_looked_for_and_the_config_files_folder(tmp_path, monkeypatch):
+    from cairn.errors import DataError
+    from cairn.sweep import experiments
+
+    records(tmp_path / "cfg" / "here.jsonl")
+    path = write(tmp_path / "cfg", experiment(tasks=["here.jsonl", "data/none.jsonl"], sweep={"orders": 2}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    looked = tmp_path / "cfg" / "data" / "none.jsonl"
+    expected = f"{path}: tasks[1].source 'data/none.jsonl' not found: looked for {looked} (relative paths in a config are read from the config's folder, {tmp_path / 'cfg'})"
+    with pytest.raises(DataError) as err:
+        cfg.load_tasks()
+    assert str(err.value) == expected
+    (_, swapped), _ = experiments(cfg, cfg.sweep)  # a sweep's other task order keeps where its paths came from
+    with pytest.raises(DataError) as err:
+        swapped.load_tasks()
+    assert str(err.value) == expected.replace("tasks[1]", "tasks[0]")
+
+
+def test_a_missing_data_dir_is_named_as_written_and_resolved(tmp_path):
+    from cairn.errors import DataError
+
+    path = write(tmp_path, experiment(data_dir="../no-data", tasks=["FOMC"]))
+    with pytest.raises(DataError) as err:
+        load_config(path).load_tasks()
+    message = str(err.value)
+    assert f"looked for {tmp_path.parent / 'no-data' / 'FOMC'}" in message
+    assert f"data_dir '../no-data' = {tmp_path.parent / 'no-data'}, which does not exist" in message
+    assert f"read from the config's folder, {tmp_path}" in message
+
+
+def test_a_config_built_in_python_reads_relative_paths_from_the_current_directory(tmp_path, monkeypatch):
+    from cairn.errors import DataError
+
+    records(tmp_path / "data" / "a.jsonl")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(experiment(tasks=["data/a.jsonl"], out="o"))
+    assert (cfg.tasks[0].source, cfg.out, cfg.folder) == ("data/a.jsonl", "o", None)
+    (task,), _ = cfg.load_tasks()
+    assert task.name == "a"
+    with pytest.raises(DataError) as err:
+        parse_config(experiment(tasks=["b.jsonl"])).load_tasks()
+    assert str(err.value) == (f"config: tasks[0].source 'b.jsonl' not found: looked for {tmp_path / 'b.jsonl'} "
+                              f"(relative paths in a config built in Python are read from the current directory, {tmp_path})")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote, unquote_plus
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -15,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from cairn.data import Task, load_task
 from cairn.data.chat import as_chat
 from cairn.data.task import EXTRACTIONS, METRICS
-from cairn.errors import ConfigError
+from cairn.errors import ConfigError, DataError
 from cairn.io import read_yaml
 from cairn.options import DEFAULT_BASE, STRATEGY_OPTIONS, StrategyOptions, TrainConfig
 from cairn.validation import Strict, config_error
@@ -144,7 +147,7 @@ class ExperimentConfig(Strict):
 
     name: str = "experiment"
     base: str = DEFAULT_BASE
-    data_dir: str | None = None  # relative task paths are read from here (pack:/probe: sources are not)
+    data_dir: str | None = None  # relative task (and probe) paths are read from here (pack:/probe: sources are not)
     tasks: list[TaskSpec] = Field(min_length=1)
     probe: TaskSpec | None = TaskSpec(source="probe:general")  # the headline old-knowledge score, G
     probes: list[TaskSpec] = Field(default_factory=list)  # further probes, each reported on its own beside G
@@ -157,6 +160,13 @@ class ExperimentConfig(Strict):
     chat_template: bool = False  # wrap every task's prompts in the model's chat template (a task may say otherwise)
     sweep: SweepSpec | None = None  # what `cairn sweep` varies (`cairn run` runs the config as it is)
     tune: TuneSpec | None = None  # how `cairn tune` gives every strategy the same tuning budget
+    _origin: Origin | None = PrivateAttr(None)  # where the config came from, and its paths as written
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the config file's relative paths were read from (None: built in Python,
+        whose relative paths are read from the current directory)."""
+        return self._origin.folder if self._origin else None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -201,10 +211,13 @@ class ExperimentConfig(Strict):
         except ValidationError as exc:
             raise ValueError(str(config_error(exc, f"strategy {strategy.name!r} train"))) from None
 
-    def _load(self, spec: TaskSpec, tokenizer=None):
+    def _load(self, spec: TaskSpec, tokenizer=None, where: str = "source"):
         source = spec.source
-        if self.data_dir and ":" not in source and not Path(source).is_absolute():
-            source = str(Path(self.data_dir) / source)
+        if _is_path(source):
+            if self.data_dir:
+                source = _under(source, Path(self.data_dir))
+            if not _exists(source):
+                raise DataError(self._not_found(where, spec.source, source))
         task = load_task(source, metric=spec.metric, name=spec.name)
         if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts
             if spec.limit or spec.extract:
@@ -219,7 +232,7 @@ class ExperimentConfig(Strict):
 
     def load_probes(self, tokenizer=None) -> list:
         """The further probes (`probes`), loaded as `load_tasks` loads the headline one."""
-        probes = [self._load(p, tokenizer) for p in self.probes]
+        probes = [self._load(p, tokenizer, f"probes[{i}].source") for i, p in enumerate(self.probes)]
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
             raise ConfigError(f"probe names must be unique, got {names}; give duplicates a `name`")
@@ -228,32 +241,203 @@ class ExperimentConfig(Strict):
     def load_tasks(self, tokenizer=None) -> tuple[list, object]:
         """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
         tasks that use a chat template get their prompts wrapped in it."""
-        load = lambda spec: self._load(spec, tokenizer)  # noqa: E731
-        tasks = [load(t) for t in self.tasks]
+        tasks = [self._load(t, tokenizer, f"tasks[{i}].source") for i, t in enumerate(self.tasks)]
         for spec, task in zip(self.tasks, tasks):
             if not isinstance(task, Task):
                 raise ConfigError(f"tasks: {spec.source} is measured by lm-eval and has no training data; it can be the probe, not a task")
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}; give duplicates a `name`")
-        return tasks, (load(self.probe) if self.probe else None)
+        return tasks, (self._load(self.probe, tokenizer, "probe.source") if self.probe else None)
 
     def out_dir(self) -> Path:
+        """`out` (a config file's: read from its folder), else runs/NAME under the current directory."""
         return Path(self.out or Path("runs") / self.name)
 
+    def _not_found(self, where: str, source: str, looked: str) -> str:
+        """Why a task source that names a path cannot be loaded: the path looked for and, for a
+        source written relative, where it was read from."""
+        origin = self._origin or Origin("config")
+        written = origin.written.get(source, source)
+        message = f"{origin.where}: {where} {written!r} not found: looked for {os.path.abspath(looked)}"
+        if not _relative(written):
+            return message
+        notes, relative = [], True
+        if self.data_dir:
+            data_dir, given = os.path.abspath(self.data_dir), origin.written.get(self.data_dir, self.data_dir)
+            relative = _relative(given)
+            notes.append(f"task sources are read from data_dir {given!r}{f' = {data_dir}' if relative else ''}"
+                         + ("" if os.path.isdir(data_dir) else ", which does not exist"))  # fmt: skip
+        if relative:
+            notes.append(f"relative paths in a config are read from the config's folder, {origin.folder}" if origin.folder
+                         else f"relative paths in a config built in Python are read from the current directory, {Path.cwd()}")  # fmt: skip
+        return f"{message} ({'; '.join(notes)})"
 
-def parse_config(data, where: str = "config") -> ExperimentConfig:
+
+def parse_config(data, where: str = "config", *, like: ExperimentConfig | None = None) -> ExperimentConfig:
+    """A config from a mapping (its relative paths read from the current directory); `like`: the
+    config this one is derived from (a sweep's order, a tuning point), whose origin it keeps."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (name, base, tasks, strategies, ...), got {type(data).__name__}")
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise config_error(exc, where) from None
+    cfg._origin = like._origin if like is not None and like._origin else Origin(where)
+    return cfg
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file."""
-    return parse_config(read_yaml(path), str(path))
+    """Read and validate an experiment YAML file; its relative paths are read from its folder."""
+    data = read_yaml(path)
+    folder = Path(os.path.abspath(path)).parent
+    paths = ConfigPaths(folder)
+    cfg = parse_config(paths.resolve(data) if isinstance(data, dict) else data, str(path))
+    cfg._origin = Origin(str(path), folder, paths.written)
+    return cfg
+
+
+# --- paths: a config file's relative paths are read from its folder -------------------------------
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a config came from: `where` names it in messages; `folder` is the folder its relative
+    paths were read from (None: the current directory); `written` maps each resolved path back to
+    the path as written."""
+
+    where: str
+    folder: Path | None = None
+    written: dict[str, str] = field(default_factory=dict)
+
+
+# Strategy options that name a folder, by kind, and the values of each that are keywords, not paths.
+PATH_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {"moe": {"general": ("mean",)}}
+
+
+def _is_path(source) -> bool:
+    """A task source that names a file or folder; `pack:`, `probe:`, `lm-eval:` (any `SCHEME:`) do not."""
+    return isinstance(source, str) and bool(source) and ":" not in source
+
+
+def _relative(path: str) -> bool:
+    return _is_path(path) and not path.startswith("~") and not Path(path).is_absolute()
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (RuntimeError, ValueError):  # `~user` of no user, a NUL byte: load_task names the problem
+        return True
+
+
+def _under(path: str, folder: Path) -> str:
+    """`path` with `~` expanded and, when relative, read from `folder` (.. collapsed)."""
+    try:
+        expanded = Path(path).expanduser()
+    except (RuntimeError, ValueError):  # `~user` of no user: left for the loader to report
+        return path
+    return str(expanded) if expanded.is_absolute() else os.path.normpath(folder / expanded)
+
+
+def _names_a_path(spec: str, folder: Path) -> bool:
+    """Whether a `base` names a folder or .gguf file as `ModelSpec.parse` tells them apart: not
+    `bundled:NAME`, not `tiny-random`, and not a hub id ORG/NAME (unless `folder` holds ORG/NAME)."""
+    spec = spec.strip()
+    if not spec or spec.startswith("bundled:") or spec == "tiny-random":
+        return False
+    return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") != 1 or _exists(_under(spec, folder))
+
+
+@dataclass
+class ConfigPaths:
+    """Resolves the paths of a config file's raw mapping against its folder, before validation:
+    `base` (a folder or .gguf file), `data_dir`, `out`, each task's and probe's source (read from
+    `data_dir` when it is set; an lm-eval probe's `include=DIR`), and the strategy options of
+    PATH_OPTIONS (in `strategies`, `sweep.set` and `tune.grid`). Values of other types are left
+    for validation to report."""
+
+    folder: Path
+    written: dict[str, str] = field(default_factory=dict)  # resolved path -> as written
+
+    def resolve(self, data: dict) -> dict:
+        data = dict(data)
+        base = data.get("base")
+        if isinstance(base, str) and _names_a_path(base, self.folder):
+            data["base"] = self._at(base.strip(), self.folder)
+        for key in ("data_dir", "out"):
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = self._at(data[key], self.folder)
+        sources = Path(data["data_dir"]) if isinstance(data.get("data_dir"), str) and data["data_dir"] else self.folder
+        for key in ("tasks", "probes"):
+            if isinstance(data.get(key), list):
+                data[key] = [self._task(t, sources) for t in data[key]]
+        if "probe" in data:
+            data["probe"] = self._task(data["probe"], sources)
+        kinds = {}
+        if isinstance(data.get("strategies"), list):
+            data["strategies"] = [self._strategy(s, kinds) for s in data["strategies"]]
+        sweep = data.get("sweep")
+        if isinstance(sweep, dict) and isinstance(sweep.get("set"), dict):
+            data["sweep"] = {**sweep, "set": {k: self._swept(kinds, k, v) for k, v in sweep["set"].items()}}
+        tune = data.get("tune")
+        if isinstance(tune, dict) and isinstance(tune.get("grid"), dict):
+            grid = {n: {k: self._values(kinds, n, k, v) for k, v in keys.items()} if isinstance(keys, dict) else keys for n, keys in tune["grid"].items()}
+            data["tune"] = {**tune, "grid": grid}
+        return data
+
+    def _task(self, spec, folder: Path):
+        """A task spec (a source, or a mapping with `source`) with its source read from `folder`."""
+        if isinstance(spec, dict) and "source" in spec:
+            return {**spec, "source": self._task(spec["source"], folder)}
+        if not isinstance(spec, str):
+            return spec
+        if spec.startswith("lm-eval:"):  # `?include=DIR`: a folder of lm-eval task files
+            return self._include(spec)
+        return self._at(spec, folder) if _is_path(spec) else spec
+
+    def _at(self, path: str, folder: Path) -> str:
+        """`path` read from `folder`, remembered as written."""
+        resolved = _under(path, folder)
+        self.written.setdefault(resolved, path)
+        return resolved
+
+    def _include(self, source: str) -> str:
+        head, sep, query = source.partition("?")
+        parts = []
+        for part in query.split("&") if sep else ():
+            key, eq, value = part.partition("=")
+            if key == "include" and eq and _relative(unquote_plus(value)):
+                part = f"include={quote(self._at(unquote_plus(value), self.folder), safe='/')}"
+            parts.append(part)
+        return head + sep + "&".join(parts)
+
+    def _strategy(self, spec, kinds: dict):
+        """A strategy's mapping with its path options (flat, or under `options`) read from the folder."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            return spec
+        if isinstance(spec.get("name"), str):
+            kinds[spec["name"]] = spec["kind"]
+        if isinstance(spec.get("options"), dict):
+            return {**spec, "options": self._options(spec["kind"], spec["options"])}
+        return self._options(spec["kind"], spec)
+
+    def _options(self, kind: str, options: dict) -> dict:
+        return {k: self._value(kind, k, v) for k, v in options.items()}
+
+    def _value(self, kind: str, key, value):
+        keywords = PATH_OPTIONS.get(kind, {}).get(key) if isinstance(key, str) else None
+        return self._at(value, self.folder) if keywords is not None and _is_path(value) and value not in keywords else value
+
+    def _swept(self, kinds: dict, key, values):
+        """A sweep's values of `strategies.NAME.KEY`."""
+        parts = key.split(".", 2) if isinstance(key, str) else []
+        return self._values(kinds, parts[1], parts[2], values) if len(parts) == 3 and parts[0] == "strategies" else values
+
+    def _values(self, kinds: dict, name, key, values):
+        """A sweep's or tuning grid's values of strategy `name`'s option `key`."""
+        kind = kinds.get(name)
+        return [self._value(kind, key, v) for v in values] if kind and isinstance(values, list) else values
 
 
 # --- sweeps: the experiments a `sweep:` section expands to (run by cairn.sweep) -------------------
@@ -382,7 +566,7 @@ def experiments(cfg: ExperimentConfig, sweep: SweepSpec) -> tuple[list[Experimen
     configs = []
     for k, order in enumerate(task_orders(len(cfg.tasks), sweep.orders, sweep.order_seed)):
         data = {**base, "tasks": [base["tasks"][i] for i in order], "name": f"{cfg.name} order {k}"}
-        configs.append(parse_config(data, f"{cfg.name} sweep, order {k}"))
+        configs.append(parse_config(data, f"{cfg.name} sweep, order {k}", like=cfg))
     return configs, [(name, strategy, point) for name, strategy, point, _ in points]
 
 
