@@ -302,3 +302,14 @@ def test_a_config_built_in_python_reads_relative_paths_from_the_current_director
         parse_config(experiment(tasks=["b.jsonl"])).load_tasks()
     assert str(err.value) == (f"config: tasks[0].source 'b.jsonl' not found: looked for {tmp_path / 'b.jsonl'} "
                               f"(relative paths in a config built in Python are read from the current directory, {tmp_path})")
+
+
+def test_a_relative_source_with_a_limit_is_read_from_the_configs_folder(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "exp" / "data").mkdir(parents=True)
+    (tmp_path / "exp" / "data" / "facts.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(40)))
+    (tmp_path / "exp" / "e.yaml").write_text("tasks: ['data/facts.jsonl?limit=3']\nstrategies: [{name: s, kind: sequential}]\n")
+    monkeypatch.chdir(tmp_path)
+    tasks, _ = load_config("exp/e.yaml").load_tasks()
+    assert [len(tasks[0].split(s)) for s in ("train", "eval", "test")] == [3, 3, 3]

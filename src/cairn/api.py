@@ -131,7 +131,7 @@ def tune(config, out: str | Path | None = None, *, seeds: list[int] | None = Non
     """Tune every strategy at equal budget on the eval splits (= cairn tune), the config's `tune:`
     section with these keywords overriding it; then, with `verdict`, run each at its chosen setting
     for the config's seeds and report. `verdict=False` is `cairn frontier`. Returns the tuning summary."""
-    from cairn.config import TuneSpec
+    from cairn.config import TuneSpec, parse_config
     from cairn.distributed import is_main
     from cairn.io import exclusive
     from cairn.tuning import run_tuning
@@ -139,7 +139,7 @@ def tune(config, out: str | Path | None = None, *, seeds: list[int] | None = Non
     cfg = _config(config)
     given = {k: v for k, v in {"seeds": seeds, "budget": budget, "metric": metric, "max_forgetting": max_forgetting}.items() if v is not None}
     spec = _checked("tune", lambda: TuneSpec.model_validate({**(cfg.tune.model_dump() if cfg.tune else {}), **given}))
-    cfg = _checked("config", lambda: type(cfg).model_validate({**cfg.model_dump(mode="json"), "tune": spec.model_dump(mode="json")}))
+    cfg = parse_config({**cfg.model_dump(mode="json"), "tune": spec.model_dump(mode="json")}, "config", like=cfg)
     out = Path(out or cfg.out_dir())
     with exclusive(out, "cairn tune" if verdict else "cairn frontier") if is_main() else contextlib.nullcontext():
         summary = run_tuning(cfg, out, verdict=verdict, progress=progress, log=log)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cairn.data import Task, load_task
+from cairn.data.loaders import path_source
 from cairn.data.chat import as_chat
 from cairn.data.task import EXTRACTIONS, METRICS
 from cairn.errors import ConfigError, DataError
@@ -216,7 +217,7 @@ class ExperimentConfig(Strict):
         if _is_path(source):
             if self.data_dir:
                 source = _under(source, Path(self.data_dir))
-            if not _exists(source):
+            if not _exists(path_source(source)[0]):  # the path without its `?limit=N`
                 raise DataError(self._not_found(where, spec.source, source))
         task = load_task(source, metric=spec.metric, name=spec.name)
         if not isinstance(task, Task):  # an lm-eval probe: lm-eval formats its own prompts

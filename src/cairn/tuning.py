@@ -185,7 +185,7 @@ def plot(summary: dict, out: Path) -> str:
 
 def _grid_config(cfg: ExperimentConfig, strategies: list[dict], seeds: list[int], name: str) -> ExperimentConfig:
     data = cfg.model_dump(mode="json", exclude={"sweep", "tune"})
-    return parse_config({**data, "name": name, "strategies": strategies, "seeds": seeds}, name)
+    return parse_config({**data, "name": name, "strategies": strategies, "seeds": seeds}, name, like=cfg)
 
 
 def _train_keys(point: dict) -> dict:

@@ -53,7 +53,7 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     elif source.startswith("probe:"):
         task = load_probe(source.split(":", 1)[1])
     else:
-        source, limit = _path_options(source)
+        source, limit = path_source(source)
         try:
             path = Path(source).expanduser()
         except RuntimeError as exc:  # `~user` for a user who does not exist
@@ -75,7 +75,7 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     return task
 
 
-def _path_options(source: str) -> tuple[str, int | None]:
+def path_source(source: str) -> tuple[str, int | None]:
     """(path, limit) of a file or folder source `PATH?limit=N`; a path that exists as written keeps its '?'."""
     path, mark, query = source.rpartition("?")
     if not mark or Path(source).expanduser().exists():
