@@ -78,7 +78,7 @@ def test_adapter_with_a_different_base_is_refused(tmp_path):
     manifest = read_manifest(out)
     manifest["base_fingerprint"] = "0" * 64
     write_manifest(out, manifest)
-    with pytest.raises(ModelError, match="trained on a base with fingerprint 000000000000"):
+    with pytest.raises(ModelError, match="was made on a base with fingerprint 000000000000"):
         load(str(out))
     with pytest.raises(ModelError, match="is an adapter, not a base model"):  # a base-model loader does not take it
         load_model(str(out))

@@ -490,7 +490,7 @@ def saved_bytes(model) -> int:
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # as write_model saves it
     else:
         state = model.state_dict()
     return sum(t.numel() * t.element_size() for t in state.values())
