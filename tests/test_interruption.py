@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-TRIALS = 10
+# 6 in the suite (each trial is two runs in fresh processes: 27 s; 10 took 4.5 of the suite's 21 min);
+# CAIRN_RUN_KILL_TRIALS=10 for the figure of issue 21's closing note.
+TRIALS = int(os.environ.get("CAIRN_RUN_KILL_TRIALS", "6"))
 
 
 def experiment(tmp_path: Path) -> Path:
