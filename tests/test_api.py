@@ -82,7 +82,7 @@ def test_the_api_refuses_what_the_command_line_refuses_with_the_same_message_and
 
 
 def _scored(model, tokenizer, task, **_) -> EvalResult:
-    return EvalResult(task.name, task.metric, "lm-eval", 1, 0.5, [{"task": "hellaswag", "metric": "acc", "score": 0.5}])
+    return EvalResult(task.name, task.metric, "lm-eval", 1, 0.5, [{"task": "hellaswag", "metric": "acc", "score": 0.5, "prediction": "x"}])
 
 
 def test_evaluate_scores_an_lm_eval_probe_in_no_chat_template_in_the_api_as_on_the_command_line(capsys, monkeypatch):

@@ -228,6 +228,7 @@ def evaluate(model, task, *, split: str = "test", metric: str | None = None, cha
     Most predictions empty is logged as a warning with its likely causes."""
     from cairn.data.lm_eval import LmEvalProbe
     from cairn.evaluation import evaluate_task
+    from cairn.evaluation.evaluate import single_line, warn_if_mostly_empty
     from cairn.io import atomic_write_json
 
     _at_least(1, batch_size=batch_size, limit=limit)
@@ -244,6 +245,8 @@ def evaluate(model, task, *, split: str = "test", metric: str | None = None, cha
     model, tokenizer = _model(model, allow_pickle, base)
     task = _task(task, tokenizer, chat_template and not probe)
     result = evaluate_task(model, tokenizer, task, split=split, batch_size=batch_size, progress=progress)
+    if not probe:
+        warn_if_mostly_empty(task.name, split, [row["prediction"] for row in result.predictions], stopped_at_newline=single_line(task))
     if json_path is not None:
         try:
             atomic_write_json(Path(json_path), result.to_dict())

@@ -42,7 +42,9 @@ def single_line(task: Task) -> bool:
 def warn_if_mostly_empty(task: str, split: str, predictions: list[str], *, stopped_at_newline: bool) -> None:
     """Say so when most predictions are empty: they score 0 whatever the model knows, and the cause
     is usually the prompt format, not the knowledge (the bundled instruct model, prompted without
-    its chat template, starts every answer with a newline and scored 0.0 on 81 of 81)."""
+    its chat template, starts every answer with a newline and scored 0.0 on 81 of 81). Said by
+    `cairn eval`, not by a run's scoring, where a base model that knows none of a pack's invented
+    facts answers nothing before it is trained on them, as expected."""
     empty = sum(not p.strip() for p in predictions)
     if predictions and empty > len(predictions) / 2:
         why = ["an instruction-tuned model may need its chat template (--chat-template; `chat_template: true` in a config)"]
@@ -73,5 +75,4 @@ def evaluate_task(model, tokenizer, task: Task, *, split: str = "test", batch_si
         for ex, p in zip(examples, preds)
     ]
     mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
-    warn_if_mostly_empty(task.name, split, preds, stopped_at_newline=single_line(task))
     return EvalResult(task.name, task.metric, split, len(rows), mean, rows)
