@@ -247,3 +247,17 @@ def test_the_cost_sums_time_and_tokens_over_the_trainings_and_takes_the_largest_
     a, b = contribution("a", 1.5, 100, 30.0, 10), contribution("b", 2.5, 200, 50.0, 20)
     work = Workspace(tmp_path, "tiny-random", tokenizer=None, used=[a, b, a])  # `a` used twice, trained once
     assert work.cost() == {"train_wall_s": 4.0, "tokens": 300, "trainable_params": 20, "peak_mem_mb": 50.0, "disk_mb": 2.0}
+
+
+def test_a_base_that_cannot_be_loaded_is_named_with_the_config_it_came_from(tmp_path):
+    import pytest
+
+    from cairn import api
+    from cairn.errors import ModelError
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: bundled:nope\ntasks: ['pack:people?facts=3']\nstrategies: [{name: s, kind: sequential}]\n")
+    with pytest.raises(ModelError, match=r"exp.yaml: base 'bundled:nope' cannot be loaded: unknown bundled model 'nope'.*change its `base:`"):
+        api.check(path, tmp_path / "out")
+    with pytest.raises(ModelError, match=r"exp.yaml: base 'bundled:nope' cannot be loaded"):
+        api.run(path, tmp_path / "out")

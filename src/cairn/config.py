@@ -164,6 +164,11 @@ class ExperimentConfig(Strict):
     _origin: Origin | None = PrivateAttr(None)  # where the config came from, and its paths as written
 
     @property
+    def where(self) -> str:
+        """What names the config in messages: its file, else "config" (built in Python)."""
+        return self._origin.where if self._origin else "config"
+
+    @property
     def folder(self) -> Path | None:
         """The folder the config file's relative paths were read from (None: built in Python,
         whose relative paths are read from the current directory)."""

@@ -20,7 +20,7 @@ from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
 from cairn.data.task import Task
 from cairn.distributed import is_main
-from cairn.errors import ConfigError, TrainingDiverged
+from cairn.errors import ConfigError, ModelError, TrainingDiverged
 from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
 from cairn.io import atomic_write_json
@@ -143,6 +143,14 @@ def _check_task_train(cfg: ExperimentConfig, names: list[str]) -> None:
         raise ConfigError(f"task_train names {', '.join(unknown)}; the tasks are {', '.join(names)}")
 
 
+def _config_base(cfg: ExperimentConfig, load):
+    """`load(cfg.base)`, a failure saying the name came from the config's `base`."""
+    try:
+        return load(cfg.base)
+    except ModelError as exc:
+        raise ModelError(f"{cfg.where}: base {cfg.base!r} cannot be loaded: {exc}; change its `base:`") from exc
+
+
 def _described(task) -> dict:
     if not isinstance(task, Task):  # an lm-eval probe: lm-eval holds its data
         return {"name": task.name, "metric": task.metric, "examples": "lm-eval's own"}
@@ -154,7 +162,7 @@ def check_experiment(cfg: ExperimentConfig, out: Path | None = None, *, overwrit
     spec (`check_base`), every task and probe source, task_train's task names, the strategies'
     adapter folders, and what the run folder `out` would do (start, resume, replace; refused as
     `cairn run` would refuse it). Returns the plan: those, and what would be trained."""
-    base = check_base(cfg.base)
+    base = _config_base(cfg, check_base)
     tasks, probe = cfg.load_tasks()
     probes = cfg.load_probes()
     _check_task_train(cfg, [t.name for t in tasks])
@@ -190,7 +198,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     tracker = None
     if cfg.tracker and main:
         tracker = open_tracker(cfg.tracker, cfg.name, out / "tracking", cfg.model_dump(mode="json"))
-    base, tokenizer = load_model(cfg.base)
+    base, tokenizer = _config_base(cfg, load_model)
     if cfg.chat_template or any(t.chat_template for t in [*cfg.tasks, cfg.probe, *cfg.probes] if t):
         tasks, probe = cfg.load_tasks(tokenizer)  # again, with the prompts in the model's chat template
     probes = cfg.load_probes(tokenizer)
