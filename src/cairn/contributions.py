@@ -74,11 +74,7 @@ def check_inputs(inputs: list[Path], base_folder: str | Path, base_fingerprint: 
     """Refuse an input made on another base (its manifest's fingerprint differs) or of another
     architecture (its tensors do not fit the base's shapes), naming it; note the inputs whose base
     cannot be verified. Reads only manifests and safetensors headers."""
-    base = FolderWeights(base_folder)
-    try:
-        shapes = {name: base.meta(name)[1] for name in base.keys()}
-    finally:
-        base.close()
+    shapes = _shapes(base_folder)
     for path in map(Path, inputs):
         if not path.is_dir():
             raise ModelError(f"{path}: no such folder (a PEFT adapter folder or a HF model folder was expected)")
@@ -91,6 +87,15 @@ def check_inputs(inputs: list[Path], base_folder: str | Path, base_fingerprint: 
                 f"{path} was made on a base with fingerprint {str(recorded)[:12]}, not on {base_name} ({base_fingerprint()[:12]}); "
                 "combine contributions of one base only"
             )
+
+
+def _shapes(base_folder: str | Path) -> dict[str, list[int]]:
+    """The shape of every tensor of a base folder, from its safetensors headers."""
+    weights = FolderWeights(base_folder)
+    try:
+        return {name: weights.meta(name)[1] for name in weights.keys()}
+    finally:
+        weights.close()
 
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
@@ -143,12 +148,7 @@ def describe_made_elsewhere(path: Path, base: str, base_folder: str | Path, base
         raise ModelError(f"{path}: a {adapter_config(path)['peft_type']} adapter; Cairn combines LoRA adapters only (adapter_config.json 'peft_type': LORA)")
     if not adapter and not (path / "config.json").is_file():
         raise ModelError(f"{path} is neither a PEFT adapter folder (adapter_config.json) nor a HF model folder (config.json)")
-    weights = FolderWeights(base_folder)
-    try:
-        shapes = {name: weights.meta(name)[1] for name in weights.keys()}
-    finally:
-        weights.close()
-    _check_shapes(path, shapes, base)
+    _check_shapes(path, _shapes(base_folder), base)
     named = adapter_config(path).get("base_model_name_or_path") if adapter else None
     details = {"from": str(path.resolve()), "base_named_by": "--base", **({"adapter_config_base": named} if named else {})}
     made_from = {"base": recorded_base(base), "base_fingerprint": base_fingerprint}
