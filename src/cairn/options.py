@@ -100,8 +100,8 @@ class OLoRAOptions(StrategyOptions):
 
 @dataclass(frozen=True)
 class MergeParameters:
-    reads: frozenset[str]  # which of density / lambda / seed the method reads (every method reads normalize)
-    normalize: bool  # mergekit's default
+    reads: frozenset[str]  # which of density / gamma / lambda / seed / t / filter_wise the method reads
+    normalize: bool | None  # mergekit's default; None: the method has no normalize (it reads no weights)
 
 
 # Each merge method's parameters; its math is the function of the same name in methods/merge/methods.py.
@@ -111,7 +111,12 @@ MERGE_METHODS: dict[str, MergeParameters] = {
     "ties": MergeParameters(frozenset({"density", "lambda"}), True),
     "dare_linear": MergeParameters(frozenset({"density", "lambda", "seed"}), False),
     "dare_ties": MergeParameters(frozenset({"density", "lambda", "seed"}), False),
+    "breadcrumbs": MergeParameters(frozenset({"density", "gamma", "lambda"}), False),
+    "breadcrumbs_ties": MergeParameters(frozenset({"density", "gamma", "lambda"}), False),
+    "model_stock": MergeParameters(frozenset({"filter_wise"}), None),
+    "slerp": MergeParameters(frozenset({"t"}), None),
 }
+MERGE_PARAMETERS = ("density", "gamma", "lambda", "seed", "t", "filter_wise", "normalize")  # what a method may or may not read
 
 # `combine: factors`: each method that merges LoRA factors, and the PEFT `add_weighted_adapter`
 # combination_type it is (methods/merge/factors.py).
@@ -124,10 +129,13 @@ class MergeOptions(StrategyOptions):
     model_config = ConfigDict(populate_by_name=True)
 
     method: Literal[tuple(MERGE_METHODS)] = "ties"  # type: ignore[valid-type]
-    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*)")
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*, breadcrumbs*)")
+    gamma: float = Field(0.01, ge=0, le=1, description="breadcrumbs*: fraction of each task vector's largest-magnitude entries dropped (mergekit's default 0.01)")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
     seed: int = Field(0, description="seed of DARE's random drop")
+    t: float | None = Field(None, allow_inf_nan=False, description="slerp (required): the interpolation from the base (0) to the input (1)")
+    filter_wise: bool = Field(False, description="model_stock: one interpolation ratio per output row instead of one per tensor")
     combine: Literal["delta", "factors"] = Field("delta", description="delta: merge each module's exact ΔW = B·A; factors (LoRA only): merge the A matrices among themselves and the B among themselves, as PEFT's add_weighted_adapter")
 
     @model_validator(mode="after")
@@ -136,11 +144,14 @@ class MergeOptions(StrategyOptions):
         the defaults are every method's)."""
         if self.combine == "factors" and self.method not in FACTOR_METHODS:
             raise ValueError(f"method {self.method} does not combine factors; combine: factors supports {', '.join(FACTOR_METHODS)} (or use combine: delta)")
-        uses = MERGE_METHODS[self.method].reads | ({"normalize"} if self.combine == "delta" else set())
-        unused = [k for k in given(self, info) if k in ("density", "lambda", "seed", "normalize") and k not in uses]
+        spec = MERGE_METHODS[self.method]
+        uses = spec.reads | ({"normalize"} if self.combine == "delta" and spec.normalize is not None else set())
+        unused = [k for k in given(self, info) if k in MERGE_PARAMETERS and k not in uses]
         if unused:
             what = self.method if self.combine == "delta" else f"{self.method} with combine: factors"
-            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {what}; it reads: {', '.join(sorted(uses))}")
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {what}; it reads: {', '.join(sorted(uses)) or 'no parameters'}")
+        if self.method == "slerp" and self.t is None and not (info.context or {}).get("saved"):
+            raise ValueError("slerp needs t, its interpolation from the base at 0 to the input at 1, as in mergekit")
         return self
 
     def fits(self, cfg: TrainConfig) -> None:
@@ -149,11 +160,13 @@ class MergeOptions(StrategyOptions):
 
     def kwargs(self) -> dict:
         spec = MERGE_METHODS[self.method]
-        return {"density": self.density, "lambda_": self.lambda_, "normalize": spec.normalize if self.normalize is None else self.normalize}
+        return {"density": self.density, "gamma": self.gamma, "lambda_": self.lambda_, "t": self.t, "filter_wise": self.filter_wise,
+                "normalize": spec.normalize if self.normalize is None else self.normalize}  # fmt: skip
 
     def keeps_the_base(self) -> bool:
         """True when inputs that all equal the base merge to the base: every task vector is 0, or
-        (average) the weighted mean of equal tensors is that tensor."""
+        (average) the weighted mean of equal tensors is that tensor (model_stock: ratio 0; slerp:
+        the two ends are equal)."""
         return self.method != "average" or self.kwargs()["normalize"]
 
 

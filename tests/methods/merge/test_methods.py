@@ -94,6 +94,12 @@ def test_lambda_is_accepted_under_its_yaml_name():
     ("average", {"lambda": 2.0, "seed": 1}, "lambda, seed do not apply to average; it reads: normalize"),
     ("task_arithmetic", {"density": 0.5}, "density does not apply to task_arithmetic; it reads: lambda, normalize"),
     ("ties", {"seed": 3}, "seed does not apply to ties; it reads: density, lambda, normalize"),
+    ("ties", {"gamma": 0.1}, "gamma does not apply to ties; it reads: density, lambda, normalize"),
+    ("breadcrumbs", {"seed": 1}, "seed does not apply to breadcrumbs; it reads: density, gamma, lambda, normalize"),
+    ("model_stock", {"normalize": True, "t": 0.5}, "normalize, t do not apply to model_stock; it reads: filter_wise"),
+    ("slerp", {"t": 0.5, "density": 0.5}, "density does not apply to slerp; it reads: t"),
+    ("average", {"filter_wise": True}, "filter_wise does not apply to average; it reads: normalize"),
+    ("slerp", {}, "slerp needs t, its interpolation from the base at 0 to the input at 1, as in mergekit"),
 ])  # fmt: skip
 def test_a_parameter_the_method_does_not_read_is_refused_when_the_options_are_built(method, given, message):
     from pydantic import ValidationError
@@ -115,17 +121,19 @@ def test_a_merge_strategy_with_a_parameter_its_method_does_not_read_is_refused_w
         parse_config({**QUICKSTART, "strategies": [{"name": "m", "kind": "merge", "method": "average", "density": 0.5}]})
 
 
-@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp"])
 def test_every_method_takes_the_parameters_it_reads_its_defaults_and_its_saved_options(method):
     from cairn.options import MERGE_METHODS
     from cairn.validation import SAVED
 
-    reads = {"density": 0.5, "lambda": 0.8, "seed": 4}
-    opts = MergeOptions(method=method, normalize=False, **{k: v for k, v in reads.items() if k in MERGE_METHODS[method].reads})
+    spec = MERGE_METHODS[method]
+    reads = {"density": 0.5, "gamma": 0.02, "lambda": 0.8, "seed": 4, "t": 0.3, "filter_wise": True}
+    opts = MergeOptions(method=method, **({"normalize": False} if spec.normalize is not None else {}), **{k: v for k, v in reads.items() if k in spec.reads})
     assert MergeOptions(**opts.model_dump()) == opts == MergeOptions(**opts.model_dump(by_alias=True))  # a dump reads back
     assert MergeOptions.model_validate({"method": method, **reads}, context=SAVED).density == 0.5  # as saved, unchecked
-    assert MergeOptions(method=method).kwargs()["density"] == 1.0  # the defaults are every method's
-    with pytest.raises(ValueError, match="allowed: method, density, lambda"):
+    defaults = MergeOptions(method=method, **({"t": 0.5} if method == "slerp" else {})).kwargs()
+    assert (defaults["density"], defaults["gamma"], defaults["filter_wise"]) == (1.0, 0.01, False)  # the defaults are every method's (mergekit's)
+    with pytest.raises(ValueError, match="allowed: method, density, gamma, lambda"):
         MergeOptions(method="ties", lamda=0.5)
 
 
@@ -326,3 +334,168 @@ def test_cli_merge_takes_a_mergekit_config(folders, tmp_path, capsys):
     assert "--config gives the whole merge; drop --method" in capsys.readouterr().err
     assert main(["merge", "--base", str(base_dir), "--out", str(tmp_path / "x")]) == 4
     assert "cairn merge needs --method, --inputs (or a mergekit YAML through --config)" in capsys.readouterr().err
+
+
+# --- mergekit's newer methods against slow transcriptions of their formulas ------------------------
+
+
+def breadcrumbs_oracle(base, ts, w, density, gamma, lam, normalize, elect):
+    """Per task vector: rank the entries by |τ| (ties to the lower index), drop the top
+    int(gamma n) and keep the int(density n) next (mergekit's counts); then a plain or TIES sum."""
+    n = base.size
+    kept = []
+    for t in ts:
+        d = (t - base).reshape(-1).astype(np.float64)
+        if density >= 1:
+            kept.append(d)
+            continue
+        k, m = int(density * n), int(gamma * n)
+        bottom = n - k - m
+        if bottom < 0:
+            m, bottom = m + bottom, 0
+        order = np.lexsort((np.arange(n), -np.abs(d)))  # descending |τ|, then ascending index
+        keep = np.zeros(n)
+        keep[order[m:m + k]] = 1
+        assert keep.sum() == min(k, n - m) and n - bottom - m == k
+        kept.append(d * keep)
+    out = np.empty(n)
+    for e in range(n):
+        vals = [wi * kd[e] for wi, kd in zip(w, kept)]
+        if elect:
+            sign = 1.0 if sum(vals) >= 0 else -1.0
+            agree = [(v, wi) for v, wi in zip(vals, w) if v != 0 and (v > 0) == (sign > 0)]
+            total, weight = sum(v for v, _ in agree), sum(wi for _, wi in agree) or 1.0
+        else:
+            total, weight = sum(vals), sum(w)
+        out[e] = base.reshape(-1)[e] + lam * (total / weight if normalize else total)
+    return out.reshape(base.shape)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("density, gamma, normalize", [(0.5, 0.1, False), (0.3, 0.01, None), (0.8, 0.4, True), (0.6, 0.0, False), (1.0, 0.3, False)])
+def test_breadcrumbs_drop_the_outliers_and_the_smallest_as_an_entrywise_formula(method, density, gamma, normalize):
+    base, ts = inputs(n=3, shape=(12, 25), seed=5)
+    w, lam = [1.0, 2.0, 0.5], 0.9
+    out = merge_tensor(MergeOptions(method=method, density=density, gamma=gamma, lambda_=lam, normalize=normalize), "p", base, ts, w)
+    close(out, breadcrumbs_oracle(base, ts, w, density, gamma, lam, bool(normalize), method == "breadcrumbs_ties"))
+
+
+def test_breadcrumbs_with_gamma_0_is_the_magnitude_pruning_and_density_1_keeps_everything():
+    base, ts = inputs(n=3, shape=(16, 20), seed=6)
+    w = [1.0, 0.5, 2.0]
+    crumbs = merge_tensor(MergeOptions(method="breadcrumbs_ties", density=0.4, gamma=0.0), "p", base, ts, w)
+    assert np.array_equal(crumbs, merge_tensor(MergeOptions(method="ties", density=0.4, normalize=False), "p", base, ts, w))
+    pruned = [base + (t - base) * magnitude_mask(t - base, 0.4) for t in ts]
+    close(merge_tensor(MergeOptions(method="breadcrumbs", density=0.4, gamma=0.0), "p", base, ts, w), base + sum(wi * (p - base) for wi, p in zip(w, pruned)))
+    everything = merge_tensor(MergeOptions(method="breadcrumbs", density=1.0, gamma=0.2), "p", base, ts, w)
+    assert np.array_equal(everything, merge_tensor(MergeOptions(method="task_arithmetic"), "p", base, ts, w))
+    outliers = merge_tensor(MergeOptions(method="breadcrumbs", density=0.5, gamma=0.2), "p", base, ts, [1.0, 0.0, 0.0]) - base
+    tau = (ts[0] - base).reshape(-1)
+    kept = outliers.reshape(-1) != 0
+    assert kept.sum() == int(0.5 * base.size)
+    assert np.abs(tau[~kept]).max() > np.abs(tau[kept]).max() and np.abs(tau[kept]).min() > np.sort(np.abs(tau))[base.size // 10]
+
+
+def model_stock_oracle(base, ts, filter_wise):
+    b = torch.tensor(base, dtype=torch.float64)
+    ws = [torch.tensor(t, dtype=torch.float64) for t in ts]
+    if filter_wise and b.dim() >= 2:
+        rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    else:
+        rows = lambda x: x.reshape(1, -1)  # noqa: E731
+    taus = [rows(w) - rows(b) for w in ws]
+    n = len(ws)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
+            cos.append(((taus[i] * taus[j]).sum(-1) / denom).clamp(-1, 1))
+    c = torch.stack(cos).mean(0)[:, None]
+    t = n * c / (1 + (n - 1) * c)
+    return (t * rows(sum(ws) / n) + (1 - t) * rows(b)).reshape(b.shape).numpy()
+
+
+@pytest.mark.parametrize("n, shape, filter_wise", [(2, (9, 7), False), (3, (9, 7), True), (4, (30,), True), (3, (2, 3, 5), False), (3, (2, 3, 5), True)])
+def test_model_stock_matches_its_formula_over_pairs_of_task_vectors(n, shape, filter_wise):
+    base, ts = inputs(n=n, shape=shape, seed=7)
+    ts = [t + np.float32(0.05) * (ts[0] - base) for t in ts]  # correlated task vectors: 0 < cos < 1
+    out = merge_tensor(MergeOptions(method="model_stock", filter_wise=filter_wise), "p", base, ts, [1.0] * n)
+    close(out, model_stock_oracle(base, ts, filter_wise))
+    assert not np.allclose(out, sum(ts) / n) and not np.allclose(out, base)
+
+
+def test_model_stock_of_identical_inputs_is_that_input_and_of_base_copies_the_base():
+    base, ts = inputs(n=1, shape=(8, 8), seed=8)
+    close(merge_tensor(MergeOptions(method="model_stock"), "p", base, [ts[0]] * 3, [1.0] * 3), ts[0])
+    assert np.array_equal(merge_tensor(MergeOptions(method="model_stock", filter_wise=True), "p", base, [base, base], [1.0, 1.0]), base)
+    from cairn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_stock reads no weights"):
+        merge_tensor(MergeOptions(method="model_stock"), "p", base, [ts[0]] * 2, [1.0, 2.0])
+    with pytest.raises(ConfigError, match="model_stock needs at least 2 inputs"):
+        merge_tensor(MergeOptions(method="model_stock"), "p", base, ts, [1.0])
+
+
+def slerp_oracle(t, v0, v1):
+    a, b = v0.astype(np.float64).reshape(-1), v1.astype(np.float64).reshape(-1)
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * v0.astype(np.float64) + t * v1.astype(np.float64))
+    omega = np.arccos(cos)
+    return (np.sin((1 - t) * omega) * v0.astype(np.float64) + np.sin(t * omega) * v1.astype(np.float64)) / np.sin(omega)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 1.0, 1.3])
+def test_slerp_follows_the_arc_between_the_base_and_the_input(t):
+    rng = np.random.default_rng(9)
+    base, other = rng.standard_normal((6, 11), np.float32), rng.standard_normal((6, 11), np.float32)
+    out = merge_tensor(MergeOptions(method="slerp", t=t), "p", base, [other], [1.0])
+    close(out, slerp_oracle(t, base, other))
+    if t in (0.0, 1.0):
+        close(out, base if t == 0 else other)
+    near = base + np.float32(1e-3) * other  # nearly colinear with the base: the linear interpolation
+    close(merge_tensor(MergeOptions(method="slerp", t=t), "p", base, [near], [1.0]), (1 - t) * base + t * near)
+
+
+def test_slerp_takes_one_input_and_no_weights():
+    from cairn.errors import ConfigError
+
+    base, ts = inputs(n=2)
+    with pytest.raises(ConfigError, match="slerp interpolates the base and one input"):
+        merge_tensor(MergeOptions(method="slerp", t=0.5), "p", base, ts, [1.0, 1.0])
+    with pytest.raises(ConfigError, match="slerp reads no weights"):
+        merge_tensor(MergeOptions(method="slerp", t=0.5), "p", base, ts[:1] * 2, [1.0, 3.0])
+
+
+@pytest.mark.parametrize("method, extra, n", [("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}, 2), ("model_stock", {"filter_wise": True}, 2), ("slerp", {"t": 0.4}, 1)])
+def test_the_new_methods_merge_adapter_deltas_like_the_full_models_they_stand_for(folders, tmp_path, method, extra, n):
+    base_dir, adapters, fulls = folders
+    opts = MergeOptions(method=method, **extra)
+    merge_models(base_dir, adapters[:n], tmp_path / "from-adapters", opts, progress=False, made_from=MADE_FROM)
+    merge_models(base_dir, fulls[:n], tmp_path / "from-full", opts, progress=False, made_from=MADE_FROM)
+    a, f, base = state(tmp_path / "from-adapters"), state(tmp_path / "from-full"), state(base_dir)
+    assert a.keys() == f.keys()
+    for k in a:
+        assert_allclose(a[k], f[k], atol=2e-6, rtol=1e-5)
+    assert not np.allclose(a["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+    assert np.array_equal(a["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # no adapter touches it
+
+
+def test_cli_merge_runs_the_new_methods_and_a_mergekit_slerp_config(folders, tmp_path, capsys):
+    import yaml
+
+    base_dir, _, fulls = folders
+    for method, options, extra in [("breadcrumbs", ["--density", "0.5"], {"density": 0.5}), ("model_stock", [], {})]:
+        out = tmp_path / method
+        assert main(["merge", "--method", method, "--base", str(base_dir), "--inputs", *map(str, fulls), *options, "--out", str(out)]) == 0
+        merge_models(base_dir, fulls, tmp_path / f"{method}-direct", MergeOptions(method=method, **extra), progress=False, made_from=MADE_FROM)
+        got, direct = state(out), state(tmp_path / f"{method}-direct")
+        assert all(np.array_equal(got[k], direct[k]) for k in direct)
+    assert main(["merge", "--method", "model_stock", "--base", str(base_dir), "--inputs", *map(str, fulls), "--weights", "1", "2", "--out", str(tmp_path / "x")]) != 0
+    assert "model_stock reads no weights" in capsys.readouterr().err
+    config = {"merge_method": "slerp", "base_model": str(base_dir), "models": [{"model": str(base_dir)}, {"model": str(fulls[1])}], "parameters": {"t": 0.3}, "dtype": "float32"}
+    (tmp_path / "slerp.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", "--config", str(tmp_path / "slerp.yml"), "--out", str(tmp_path / "slerp")]) == 0
+    got, base, other = state(tmp_path / "slerp"), state(base_dir), state(fulls[1])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert_allclose(got[name], slerp_oracle(0.3, base[name], other[name]), rtol=1e-5, atol=1e-6)

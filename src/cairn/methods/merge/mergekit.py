@@ -2,17 +2,20 @@
 
 Supported, with mergekit's meaning:
 
-    merge_method: ties            # linear (Cairn's average), task_arithmetic, ties, dare_linear, dare_ties
+    merge_method: ties            # linear (Cairn's average), task_arithmetic, ties, dare_linear, dare_ties,
+                                  # breadcrumbs, breadcrumbs_ties, model_stock, slerp
     base_model: PATH              # optional for linear (the first model then gives the layout)
     models:
-      - model: PATH               # a HF folder or PEFT adapter folder
-        parameters: {weight: 1.0, density: 0.5}
-    parameters: {normalize: true, lambda: 1.0, weight: ..., density: ...}   # global defaults
+      - model: PATH               # a HF folder or PEFT adapter folder (the base_model, listed, is
+        parameters: {weight: 1.0, density: 0.5, gamma: 0.01}   # not an input, as in mergekit)
+    parameters: {normalize: true, lambda: 1.0, weight: ..., density: ..., gamma: ..., t: 0.5, filter_wise: false}
     dtype: bfloat16               # float32 | bfloat16 | float16: the output's floating dtype
 
+`model_stock` and `slerp` read no weights (a weight given is refused); `slerp` needs `t`.
+
 Anything else is refused by name: per-layer `slices`, tokenizer and chat-template options,
-gradient (list) parameter values, per-model densities that differ (Cairn keeps one density per
-merge), mergekit-only parameters such as `int8_mask` or `rescale`, and nested model references.
+gradient (list) parameter values, per-model densities or gammas that differ (Cairn keeps one of
+each per merge), mergekit-only parameters such as `int8_mask` or `rescale`, and nested model references.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from cairn.io import read_yaml
 from cairn.options import MERGE_METHODS, MergeOptions
 from cairn.validation import config_error
 
-METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
+METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties",
+           "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs_ties", "model_stock": "model_stock", "slerp": "slerp"}  # fmt: skip
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype")
-GLOBAL_PARAMETERS = ("normalize", "lambda", "weight", "density")
-MODEL_PARAMETERS = ("weight", "density")
+GLOBAL_PARAMETERS = ("normalize", "lambda", "weight", "density", "gamma", "t", "filter_wise")
+MODEL_PARAMETERS = ("weight", "density", "gamma")
+UNWEIGHTED = ("model_stock", "slerp")  # mergekit's methods that read no weight
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ def plan_from_mergekit(data, where: str) -> MergePlan:
         raise ConfigError(f"{where}: models: expected a non-empty list of {{model: PATH, parameters: {{...}}}}")
     defaults = _mapping(data.get("parameters"), f"{where}: parameters")
     _refuse_unknown(defaults, GLOBAL_PARAMETERS, f"{where}: parameters")
-    inputs, weights, densities = [], [], set()
+    if "weight" in defaults and method in UNWEIGHTED:
+        raise ConfigError(f"{where}: parameters: weight does not apply to {method}, which reads no weights")
+    base = data.get("base_model")
+    inputs, weights, per_model = [], [], {"density": set(), "gamma": set()}
     for i, entry in enumerate(models):
         at = f"{where}: models[{i}]"
         entry = _mapping(entry, at)
@@ -88,23 +96,32 @@ def plan_from_mergekit(data, where: str) -> MergePlan:
             raise ConfigError(f"{at}.model: expected a path to a model or adapter folder, got {entry.get('model')!r} (nested references are not supported)")
         params = _mapping(entry.get("parameters"), f"{at}.parameters")
         _refuse_unknown(params, MODEL_PARAMETERS, f"{at}.parameters")
+        if "weight" in params and method in UNWEIGHTED:
+            raise ConfigError(f"{at}.parameters: weight does not apply to {method}, which reads no weights")
+        if method != "linear" and entry["model"] == base:  # mergekit's task vectors (and slerp's ends) skip the base
+            continue
         inputs.append(entry["model"])
         weights.append(_number(params.get("weight", defaults.get("weight", 1.0)), f"{at}.parameters.weight"))
-        if "density" in params or "density" in defaults:
-            densities.add(_number(params.get("density", defaults.get("density")), f"{at}.parameters.density"))
-    if len(densities) > 1:
-        raise ConfigError(f"{where}: models have different densities {sorted(densities)}; Cairn's merge keeps one density for all models")
-    base = data.get("base_model") or (inputs[0] if method == "linear" else None)
+        for key, seen in per_model.items():
+            if key in params or key in defaults:
+                seen.add(_number(params.get(key, defaults.get(key)), f"{at}.parameters.{key}"))
+    for key, seen in per_model.items():
+        if len(seen) > 1:
+            plural = {"density": "densities", "gamma": "gammas"}[key]
+            raise ConfigError(f"{where}: models have different {plural} {sorted(seen)}; Cairn's merge keeps one {key} for all models")
+    if not inputs:
+        raise ConfigError(f"{where}: models: no model besides the base_model")
+    base = base or (inputs[0] if method == "linear" else None)
     if not isinstance(base, str):
         raise ConfigError(f"{where}: base_model: expected the path of the model every input was fine-tuned from ({method} needs it)")
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"{where}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
-    options = {"method": METHODS[method], **({"density": densities.pop()} if densities else {})}
-    for key in ("normalize", "lambda"):
+    options = {"method": METHODS[method], **{key: seen.pop() for key, seen in per_model.items() if seen}}
+    for key in ("normalize", "lambda", "t", "filter_wise"):
         if key in defaults:
             options[key] = defaults[key]
-    for key in ("density", "lambda"):
+    for key in ("density", "gamma", "lambda", "t", "filter_wise"):
         if key in options and key not in MERGE_METHODS[options["method"]].reads:
             raise ConfigError(f"{where}: {key} does not apply to {method}")
     try:

@@ -12,10 +12,28 @@ task vectors τᵢ = θᵢ − base:
 - `dare_linear`      each entry of τᵢ is dropped with probability 1 − `density` and survivors are
                      rescaled by 1/`density` (seeded); then as `task_arithmetic`.
 - `dare_ties`        the same drop-and-rescale, then TIES's sign election and sum.
+- `breadcrumbs`      Model Breadcrumbs (Davari & Belilovsky, arXiv:2312.06795): of each τᵢ's n
+                     entries ranked by |τᵢ|, the top m = int(`gamma` n) (outliers) are dropped and
+                     the k = int(`density` n) next kept, the rest dropped (m shrinks to n − k where
+                     m + k > n; no rescale); then as `task_arithmetic`. At `density` 1 nothing is
+                     dropped (`gamma` then has no effect, as in mergekit).
+- `breadcrumbs_ties` the same masks, then TIES's sign election and sum.
+- `model_stock`      Model Stock (Jang et al., arXiv:2403.19522): with N inputs and cos the mean
+                     over pairs i < j of cos(τᵢ, τⱼ) (over the whole tensor, or per output row with
+                     `filter_wise`; a norm product below 1e-6 counts as 1e-6), t = N cos / (1 + (N − 1) cos)
+                     and the merge is t · (Σ θᵢ / N) + (1 − t) · base. Needs N >= 2; reads no weights.
+- `slerp`            spherical interpolation of the base (`t` = 0) and one input θ (`t` = 1), each
+                     flattened: with ω the angle between them, (sin((1 − t) ω) base + sin(t ω) θ) / sin ω;
+                     where |cos ω| > 0.9995, the linear (1 − t) base + t θ. Reads no weights.
 
 Defaults follow mergekit (`normalize` on for `average` and `ties`, off otherwise; λ = 1;
-`density` = 1). One difference: for DARE, mergekit rescales survivors to keep each task
-vector's L1 norm, where Cairn rescales by 1/`density` as in the DARE paper (equal in expectation).
+`density` = 1; `gamma` = 0.01; `filter_wise` off; `t` required). The new methods were checked
+against mergekit 0.1.x's `sparsify.magnitude_outliers`, `model_stock` and `slerp` (0.1.4 source).
+Differences: for DARE, mergekit rescales survivors to keep each task vector's L1 norm, where Cairn
+rescales by 1/`density` as in the DARE paper (equal in expectation); for breadcrumbs, where
+int(`gamma` n) is 0 (`gamma` 0, or n < 1/`gamma`) mergekit's slice keeps no entry at all, where
+Cairn keeps the top k (the plain magnitude pruning); of entries tied in |τ| Cairn keeps the lowest
+indices, mergekit's unstable sort any.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from cairn.errors import ConfigError
 from cairn.methods.merge import kernels as K
 from cairn.options import MERGE_METHODS, MergeOptions
 
@@ -52,10 +71,14 @@ def magnitude_threshold(base, theta, density: float) -> tuple[float, int]:
     pass counts the entries above the bracket and gathers those inside, and a bucket selection
     finds t in that band; if the sample missed, the band is everything on t's side of it.
     """
+    return top_threshold(base, theta, max(1, int(density * np.asarray(base).size)))
+
+
+def top_threshold(base, theta, k: int) -> tuple[float, int]:
+    """`magnitude_threshold` for exactly k entries (1 <= k <= n)."""
     work = _work(base)
     b, th = _flat(base, work), _flat(theta, work)
     n = b.size
-    k = max(1, int(density * n))
     lo, hi = -np.inf, np.inf
     if n > _EXACT:
         lo, hi = K.sample_bracket(th, b, (n - k) / n, _SAMPLE, _MARGIN)
@@ -109,6 +132,114 @@ def dare_ties(base, tensors, weights, *, density=1.0, lambda_=1.0, normalize=Fal
     return _combine(base, tensors, weights, mode=2 if density < 1 else 0, density=density, seed=seed, elect=True, normalize=normalize, lambda_=lambda_)
 
 
+def _top_mask(b: np.ndarray, th: np.ndarray, k: int) -> np.ndarray:
+    """The entries (flat, boolean) of the k largest |th − b|, ties to the lower indices."""
+    if k <= 0:
+        return np.zeros(b.size, bool)
+    if k >= b.size:
+        return np.ones(b.size, bool)
+    t, cut = top_threshold(b, th, k)
+    mags = np.abs(th - b)
+    keep = mags > t
+    tied = np.flatnonzero(mags == t)
+    keep[tied[tied <= cut]] = True
+    return keep
+
+
+def breadcrumbs_mask(base, theta, density: float, gamma: float) -> np.ndarray:
+    """Breadcrumbs' kept entries of τ = θ − base (flat, boolean): drop the int(gamma n) largest
+    |τ| (fewer where they and the k = int(density n) kept would exceed n), keep the k next."""
+    work = _work(base)
+    b, th = _flat(base, work), _flat(theta, work)
+    n = b.size
+    if density >= 1:
+        return np.ones(n, bool)
+    k, top = int(density * n), int(gamma * n)
+    top = min(top, n - k)
+    return _top_mask(b, th, top + k) & ~_top_mask(b, th, top)
+
+
+def _breadcrumbs(base, tensors, weights, *, density, gamma, lambda_, normalize, elect):
+    work = _work(base)
+    b = _flat(base, work)
+    if density < 1:  # a dropped entry's θ becomes the base's: its τ is exactly 0, a kept one's unchanged
+        tensors = [np.where(breadcrumbs_mask(b, th, density, gamma), th, b) for th in (_flat(t, work) for t in tensors)]
+    return _combine(base, tensors, weights, elect=elect, normalize=normalize, lambda_=lambda_)
+
+
+def breadcrumbs(base, tensors, weights, *, density=1.0, gamma=0.01, lambda_=1.0, normalize=False, **_):
+    return _breadcrumbs(base, tensors, weights, density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, elect=False)
+
+
+def breadcrumbs_ties(base, tensors, weights, *, density=1.0, gamma=0.01, lambda_=1.0, normalize=False, **_):
+    return _breadcrumbs(base, tensors, weights, density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, elect=True)
+
+
+def _unweighted(method: str, weights) -> None:
+    if len(set(weights)) > 1:
+        raise ConfigError(f"{method} reads no weights (as mergekit's); got {list(weights)}: drop them")
+
+
+_BLOCK = 1 << 18  # entries per block of the float64 dot products
+
+
+def _gram(rows_base: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
+    """G[r, i, j] = Σ_c τᵢ[r, c] τⱼ[r, c] with τᵢ = rows[i] − rows_base, summed in float64 by blocks."""
+    r, c = rows_base.shape
+    g = np.zeros((r, len(rows), len(rows)))
+    rb, cb = max(1, _BLOCK // c), min(c, _BLOCK)
+    for r0 in range(0, r, rb):
+        for c0 in range(0, c, cb):
+            b = rows_base[r0:r0 + rb, c0:c0 + cb].astype(np.float64)
+            taus = np.stack([x[r0:r0 + rb, c0:c0 + cb] - b for x in rows])
+            g[r0:r0 + rb] += np.einsum("irc,jrc->rij", taus, taus)
+    return g
+
+
+def model_stock(base, tensors, weights, *, filter_wise: bool = False, **_):
+    """t · mean(θᵢ) + (1 − t) · base with t = N cos / (1 + (N − 1) cos), cos the mean pairwise
+    cosine of the task vectors (per tensor, or per output row with `filter_wise`)."""
+    _unweighted("model_stock", weights)
+    n = len(tensors)
+    if n < 2:
+        raise ConfigError(f"model_stock needs at least 2 inputs besides the base (as mergekit's), got {n}")
+    work = _work(base)
+    shape = np.shape(base)
+    rows = (-1, shape[-1]) if filter_wise and len(shape) >= 2 else (1, -1)
+    b = np.ascontiguousarray(base, work).reshape(rows)
+    xs = [np.ascontiguousarray(t, work).reshape(rows) for t in tensors]
+    g = _gram(b, xs)
+    norms = np.sqrt(np.einsum("rii->ri", g))
+    cos = [np.clip(g[:, i, j] / np.maximum(norms[:, i] * norms[:, j], 1e-6), -1, 1) for i in range(n) for j in range(i + 1, n)]
+    c = np.mean(cos, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (n * c / (1 + (n - 1) * c)).astype(work)[:, None]
+    avg = xs[0].copy()
+    for x in xs[1:]:
+        avg += x
+    avg /= work(n)
+    return (t * avg + (1 - t) * b).reshape(shape)
+
+
+def slerp(base, tensors, weights, *, t: float | None = None, **_):
+    """Spherical interpolation from the base (t = 0) to the one input (t = 1), mergekit's."""
+    _unweighted("slerp", weights)
+    if len(tensors) != 1:
+        raise ConfigError(f"slerp interpolates the base and one input (as mergekit's), got {len(tensors)} inputs")
+    if t is None:
+        raise ConfigError("slerp needs t")
+    work = _work(base)
+    v0, v1 = np.asarray(base, work), np.asarray(tensors[0], work)
+    n0, n1 = (float(np.sqrt(np.dot(_flat(v, np.float64), _flat(v, np.float64)))) for v in (v0, v1))
+    dot = float(np.dot(_flat(v0, np.float64), _flat(v1, np.float64))) / ((n0 if n0 > 1e-8 else 1.0) * (n1 if n1 > 1e-8 else 1.0))
+    if abs(dot) > 0.9995:  # nearly colinear: the linear interpolation
+        s0, s1 = 1 - t, t
+    else:
+        omega = np.arccos(dot)
+        s0, s1 = np.sin((1 - t) * omega) / np.sin(omega), np.sin(t * omega) / np.sin(omega)
+    return (work(s0) * v0 + work(s1) * v1).astype(work, copy=False)
+
+
 # Each merge method's math; its parameters (which it reads, its `normalize` default) are its row of
 # `cairn.options.MERGE_METHODS`, so that options validate without this module.
 METHODS: dict[str, Callable[..., np.ndarray]] = {
@@ -117,6 +248,10 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "ties": ties,
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+    "model_stock": model_stock,
+    "slerp": slerp,
 }
 if METHODS.keys() != MERGE_METHODS.keys():
     raise ImportError(f"cairn.methods.merge.methods.METHODS {sorted(METHODS)} and cairn.options.MERGE_METHODS {sorted(MERGE_METHODS)} must name the same methods")
