@@ -28,7 +28,12 @@ CASES = {
     "ties": ("ties", ["--density", "0.5"], "weight: 1.0, density: 0.5", ""),
     "average": ("linear", [], "weight: 1.0", ""),
     "task_arithmetic": ("task_arithmetic", ["--lambda", "0.5"], "weight: 1.0", "lambda: 0.5"),
+    "breadcrumbs": ("breadcrumbs", ["--density", "0.5"], "weight: 1.0, density: 0.5, gamma: 0.01", ""),
+    "breadcrumbs_ties": ("breadcrumbs_ties", ["--density", "0.5"], "weight: 1.0, density: 0.5, gamma: 0.01", ""),
+    "model_stock": ("model_stock", [], "", ""),
+    "slerp": ("slerp", [], "", "t: 0.4"),  # the base and the first fine-tune; `cairn merge` has no --t, so Cairn reads the same YAML
 }
+ONE_INPUT = ("slerp",)  # methods that take the base and one input
 
 
 def fine_tunes(work: Path) -> tuple[Path, list[Path]]:
@@ -119,13 +124,15 @@ def main() -> None:
     for method in args.methods:
         mk_method, cairn_opts, mk_params, mk_globals = CASES[method]
         config = args.work / f"mergekit-{method}.yml"
-        models = "".join(f"  - model: {f}\n    parameters: {{{mk_params}}}\n" for f in fts)
+        inputs = fts[:1] if method in ONE_INPUT else fts
+        models = "".join(f"  - model: {f}\n    parameters: {{{mk_params}}}\n" for f in inputs)
         base_line = "" if mk_method == "linear" else f"base_model: {base}\n"  # linear's inputs are the models alone
         globals_line = f"parameters: {{{mk_globals}}}\n" if mk_globals else ""
         config.write_text(f"merge_method: {mk_method}\n{base_line}models:\n{models}{globals_line}dtype: float32\n")
         mk_out, c_out = args.work / f"out-mergekit-{method}", args.work / f"out-cairn-{method}"
         mk = measure([str(args.mergekit), str(config), str(mk_out), "--quiet"], env)
-        ca = measure([cairn, "merge", "--method", method, "--base", str(base), "--inputs", *map(str, fts), *cairn_opts, "--out", str(c_out)], env)
+        given = ["--config", str(config)] if method == "slerp" else ["--method", method, "--base", str(base), "--inputs", *map(str, inputs), *cairn_opts]
+        ca = measure([cairn, "merge", *given, "--out", str(c_out)], env)
         worst, frac, unexplained = compare(mk_out, c_out, (base, fts, 0.5) if method == "ties" else None)
         print(f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | cairn {ca[0]:5.1f} s {ca[1]:5.2f} GB | "
               f"{mk[0] / ca[0]:5.1f}x faster, {ca[1] / mk[1]:.2f}x memory | max |diff| {worst:.2e}, {frac:.2e} of entries > 1e-6"
