@@ -191,8 +191,8 @@ def _gram(rows_base: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
     for r0 in range(0, r, rb):
         for c0 in range(0, c, cb):
             b = rows_base[r0:r0 + rb, c0:c0 + cb].astype(np.float64)
-            taus = np.stack([x[r0:r0 + rb, c0:c0 + cb] - b for x in rows])
-            g[r0:r0 + rb] += np.einsum("irc,jrc->rij", taus, taus)
+            taus = np.stack([x[r0:r0 + rb, c0:c0 + cb] - b for x in rows], axis=1)  # (rows, N, cols)
+            g[r0:r0 + rb] += taus @ taus.transpose(0, 2, 1)
     return g
 
 
