@@ -411,7 +411,8 @@ def model_stock_oracle(base, ts, filter_wise):
             denom = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
             cos.append(((taus[i] * taus[j]).sum(-1) / denom).clamp(-1, 1))
     c = torch.stack(cos).mean(0)[:, None]
-    t = n * c / (1 + (n - 1) * c)
+    denominator = 1 + (n - 1) * c
+    t = torch.where(denominator.abs() < 1e-6, 0.0, n * c / denominator)
     return (t * rows(sum(ws) / n) + (1 - t) * rows(b)).reshape(b.shape).numpy()
 
 
@@ -430,6 +431,8 @@ def test_model_stock_of_identical_inputs_is_that_input_and_of_base_copies_the_ba
     assert np.array_equal(merge_tensor(MergeOptions(method="model_stock", filter_wise=True), "p", base, [base, base], [1.0, 1.0]), base)
     from cairn.errors import ConfigError
 
+    opposite = [ts[0], 2 * base - ts[0]]  # cos = -1: 1 + (N - 1) cos = 0, no finite ratio
+    assert np.array_equal(merge_tensor(MergeOptions(method="model_stock"), "p", base, opposite, [1.0, 1.0]), base)
     with pytest.raises(ConfigError, match="model_stock reads no weights"):
         merge_tensor(MergeOptions(method="model_stock"), "p", base, [ts[0]] * 2, [1.0, 2.0])
     with pytest.raises(ConfigError, match="model_stock needs at least 2 inputs"):

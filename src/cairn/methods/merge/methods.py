@@ -21,19 +21,19 @@ task vectors τᵢ = θᵢ − base:
 - `model_stock`      Model Stock (Jang et al., arXiv:2403.19522): with N inputs and cos the mean
                      over pairs i < j of cos(τᵢ, τⱼ) (over the whole tensor, or per output row with
                      `filter_wise`; a norm product below 1e-6 counts as 1e-6), t = N cos / (1 + (N − 1) cos)
-                     and the merge is t · (Σ θᵢ / N) + (1 − t) · base. Needs N >= 2; reads no weights.
+                     (t = 0, the base, where |1 + (N − 1) cos| < 1e-6) and the merge is
+                     t · (Σ θᵢ / N) + (1 − t) · base. Needs N >= 2; reads no weights.
 - `slerp`            spherical interpolation of the base (`t` = 0) and one input θ (`t` = 1), each
                      flattened: with ω the angle between them, (sin((1 − t) ω) base + sin(t ω) θ) / sin ω;
                      where |cos ω| > 0.9995, the linear (1 − t) base + t θ. Reads no weights.
 
 Defaults follow mergekit (`normalize` on for `average` and `ties`, off otherwise; λ = 1;
 `density` = 1; `gamma` = 0.01; `filter_wise` off; `t` required). The new methods were checked
-against mergekit 0.1.x's `sparsify.magnitude_outliers`, `model_stock` and `slerp` (0.1.4 source).
+against mergekit 0.1.5's `sparsify.magnitude_outliers`, `model_stock` and `slerp` (bench/merge.py).
 Differences: for DARE, mergekit rescales survivors to keep each task vector's L1 norm, where Cairn
-rescales by 1/`density` as in the DARE paper (equal in expectation); for breadcrumbs, where
-int(`gamma` n) is 0 (`gamma` 0, or n < 1/`gamma`) mergekit's slice keeps no entry at all, where
-Cairn keeps the top k (the plain magnitude pruning); of entries tied in |τ| Cairn keeps the lowest
-indices, mergekit's unstable sort any.
+rescales by 1/`density` as in the DARE paper (equal in expectation); of entries tied in |τ| Cairn
+keeps the lowest indices, mergekit's unstable sort any. (mergekit 0.1.4's breadcrumbs kept no entry
+where int(`gamma` n) is 0; 0.1.5, like Cairn, then keeps the top k: the plain magnitude pruning.)
 """
 
 from __future__ import annotations
@@ -212,8 +212,9 @@ def model_stock(base, tensors, weights, *, filter_wise: bool = False, **_):
     norms = np.sqrt(np.einsum("rii->ri", g))
     cos = [np.clip(g[:, i, j] / np.maximum(norms[:, i] * norms[:, j], 1e-6), -1, 1) for i in range(n) for j in range(i + 1, n)]
     c = np.mean(cos, axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (n * c / (1 + (n - 1) * c)).astype(work)[:, None]
+    denominator = 1 + (n - 1) * c
+    singular = np.abs(denominator) < 1e-6  # no finite ratio: the base, as mergekit 0.1.5
+    t = np.where(singular, 0.0, n * c / np.where(singular, 1.0, denominator)).astype(work)[:, None]
     avg = xs[0].copy()
     for x in xs[1:]:
         avg += x
