@@ -385,7 +385,7 @@ COMMANDS = {
               "--lora-alpha", "--max-length", "--grad-accum", "--warmup-ratio", "--bf16", "--target-modules"],
     "eval": ["--model", "--task", "--metric", "--split", "--batch-size", "--json", "--allow-pickle", "--limit", "--base"],
     "generate": ["--model", "--max-new-tokens", "--allow-pickle", "--chat-template", "--base"],
-    "merge": ["--method", "--base", "--inputs", "--weights", "--density", "--lambda", "--normalize", "--no-normalize",
+    "merge": ["--method", "--base", "--inputs", "--weights", "--density", "--gamma", "--t", "--filter-wise", "--lambda", "--normalize", "--no-normalize",
               "--seed", "--out", "--as-adapter", "--rank", "--store", "--config"],
     "mix": ["--base", "--inputs", "--router", "--top-k", "--temperature", "--threshold", "--granularity", "--tasks", "--shared",
             "--out", "--store"],

@@ -502,3 +502,18 @@ def test_cli_merge_runs_the_new_methods_and_a_mergekit_slerp_config(folders, tmp
     got, base, other = state(tmp_path / "slerp"), state(base_dir), state(fulls[1])
     name = "model.layers.0.self_attn.q_proj.weight"
     assert_allclose(got[name], slerp_oracle(0.3, base[name], other[name]), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_merge_passes_slerps_t_breadcrumbs_gamma_and_model_stocks_filter_wise(folders, tmp_path, capsys):
+    from cairn.manifest import read_manifest
+
+    base_dir, _, fulls = folders
+    common = ["--base", str(base_dir), "--out"]
+    assert main(["merge", "--method", "slerp", "--inputs", str(fulls[0]), "--t", "0.3", *common, str(tmp_path / "s")]) == 0
+    assert read_manifest(tmp_path / "s")["merge"]["options"]["t"] == 0.3
+    assert main(["merge", "--method", "breadcrumbs", "--inputs", *map(str, fulls), "--density", "0.5", "--gamma", "0.05", *common, str(tmp_path / "b")]) == 0
+    assert read_manifest(tmp_path / "b")["merge"]["options"]["gamma"] == 0.05
+    assert main(["merge", "--method", "model_stock", "--inputs", *map(str, fulls), "--filter-wise", *common, str(tmp_path / "m")]) == 0
+    assert read_manifest(tmp_path / "m")["merge"]["options"]["filter_wise"] is True
+    assert main(["merge", "--method", "ties", "--inputs", *map(str, fulls), "--t", "0.5", *common, str(tmp_path / "x")]) == 4
+    assert "t does not apply to ties" in capsys.readouterr().err
