@@ -166,5 +166,6 @@ def test_a_strategys_options_remember_which_keys_the_config_set():
     cfg = parse_config({**QUICKSTART, "strategies": [{"name": "m", "kind": "merge", "method": "ties", "lambda": 0.5}]})
     spec = cfg.strategies[0]
     assert spec.typed_options().model_fields_set == {"method", "lambda_"}
-    assert spec.options == {"method": "ties", "density": 1.0, "lambda": 0.5, "normalize": None, "seed": 0, "combine": "delta"}  # what runs, under its YAML names
+    assert spec.options == {"method": "ties", "density": 1.0, "gamma": 0.01, "lambda": 0.5, "normalize": None, "seed": 0, "t": None, "filter_wise": False,
+                            "combine": "delta"}  # what runs, under its YAML names
     assert spec.typed_options() is not spec.typed_options()  # a copy each time: a strategy cannot change the config's
