@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from cairn import api, progress
@@ -62,7 +63,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 # type, or the choices. tests/test_cli.py checks that every field has one.
 _TRAIN_FLAGS = {
     "method": TRAIN_METHODS, "epochs": int, "lr": float, "batch_size": int, "grad_accum": int, "warmup_ratio": float,
-    "scheduler": ("cosine", "linear", "constant"), "weight_decay": float, "max_grad_norm": float, "lora_r": int, "lora_alpha": float,
+    "scheduler": typing.get_args(TrainConfig.model_fields["scheduler"].annotation), "weight_decay": float, "max_grad_norm": float, "lora_r": int, "lora_alpha": float,
     "lora_dropout": float, "target_modules": list, "max_length": int, "seed": int, "bf16": ("auto", "true", "false"),
 }  # fmt: skip
 
