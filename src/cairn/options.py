@@ -100,8 +100,8 @@ class OLoRAOptions(StrategyOptions):
 
 @dataclass(frozen=True)
 class MergeParameters:
-    reads: frozenset[str]  # which of density / gamma / lambda / seed / t / filter_wise the method reads
-    normalize: bool | None  # mergekit's default; None: the method has no normalize (it reads no weights)
+    reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
+    normalize: bool | None  # mergekit's default; None: the method has no normalize
 
 
 # Each merge method's parameters; its math is the function of the same name in methods/merge/methods.py.
@@ -115,8 +115,14 @@ MERGE_METHODS: dict[str, MergeParameters] = {
     "breadcrumbs_ties": MergeParameters(frozenset({"density", "gamma", "lambda"}), False),
     "model_stock": MergeParameters(frozenset({"filter_wise"}), None),
     "slerp": MergeParameters(frozenset({"t"}), None),
+    "della": MergeParameters(frozenset({"density", "epsilon", "lambda", "seed"}), True),
+    "della_linear": MergeParameters(frozenset({"density", "epsilon", "lambda", "seed"}), False),
+    "sce": MergeParameters(frozenset({"select_topk"}), None),
+    "karcher": MergeParameters(frozenset({"max_iter", "tol"}), None),
+    "nuslerp": MergeParameters(frozenset({"nuslerp_row_wise", "nuslerp_flatten"}), None),
 }
-MERGE_PARAMETERS = ("density", "gamma", "lambda", "seed", "t", "filter_wise", "normalize")  # what a method may or may not read
+MERGE_PARAMETERS = ("density", "gamma", "epsilon", "lambda", "seed", "t", "filter_wise", "select_topk", "max_iter", "tol", "nuslerp_row_wise",
+                    "nuslerp_flatten", "normalize")  # what a method may or may not read; fmt: skip
 
 # `combine: factors`: each method that merges LoRA factors, and the PEFT `add_weighted_adapter`
 # combination_type it is (methods/merge/factors.py).
@@ -129,13 +135,19 @@ class MergeOptions(StrategyOptions):
     model_config = ConfigDict(populate_by_name=True)
 
     method: Literal[tuple(MERGE_METHODS)] = "ties"  # type: ignore[valid-type]
-    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*, breadcrumbs*)")
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (ties, dare_*, breadcrumbs*; della*: the mean keep probability)")
     gamma: float = Field(0.01, ge=0, le=1, description="breadcrumbs*: fraction of each task vector's largest-magnitude entries dropped (mergekit's default 0.01)")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     normalize: bool | None = Field(None, description="divide by the summed weights; default: the method's (mergekit's)")
-    seed: int = Field(0, description="seed of DARE's random drop")
+    seed: int = Field(0, description="seed of the random drops of dare_* and della*")
     t: float | None = Field(None, allow_inf_nan=False, description="slerp (required): the interpolation from the base (0) to the input (1)")
     filter_wise: bool = Field(False, description="model_stock: one interpolation ratio per output row instead of one per tensor")
+    epsilon: float = Field(0.15, gt=0, lt=1, description="della*: keep probabilities run from density - epsilon (smallest |τ| in a row) to density + epsilon (largest); mergekit's default 0.15")
+    select_topk: float = Field(1.0, gt=0, le=1, description="sce: fraction of the entries whose task vectors vary most across the inputs that are kept (mergekit's default 1: all)")
+    max_iter: int = Field(10, ge=0, description="karcher: most iterations of the Riemannian mean (mergekit's default 10)")
+    tol: float = Field(1e-5, ge=0, allow_inf_nan=False, description="karcher: stop when the tangent step is shorter; also the smallest norm and angle counted (mergekit's default 1e-5)")
+    nuslerp_row_wise: bool = Field(False, description="nuslerp: interpolate each column (as mergekit's flag, which transposes) instead of each row, where nuslerp_flatten is off")
+    nuslerp_flatten: bool = Field(True, description="nuslerp: interpolate the whole tensor flattened (mergekit's default); off: row by row")
     combine: Literal["delta", "factors"] = Field("delta", description="delta: merge each module's exact ΔW = B·A; factors (LoRA only): merge the A matrices among themselves and the B among themselves, as PEFT's add_weighted_adapter")
 
     @model_validator(mode="after")
@@ -152,6 +164,9 @@ class MergeOptions(StrategyOptions):
             raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {what}; it reads: {', '.join(sorted(uses)) or 'no parameters'}")
         if self.method == "slerp" and self.t is None and not (info.context or {}).get("saved"):
             raise ValueError("slerp needs t, its interpolation from the base at 0 to the input at 1, as in mergekit")
+        if self.method.startswith("della") and self.density < 1 and not 0 < self.density - self.epsilon < self.density + self.epsilon < 1:
+            raise ValueError(f"{self.method} needs density ± epsilon within (0, 1), as mergekit's; got density {self.density} and epsilon {self.epsilon}: "
+                             f"give an epsilon below {min(self.density, 1 - self.density):.6g}")  # fmt: skip
         return self
 
     def fits(self, cfg: TrainConfig) -> None:
@@ -161,12 +176,14 @@ class MergeOptions(StrategyOptions):
     def kwargs(self) -> dict:
         spec = MERGE_METHODS[self.method]
         return {"density": self.density, "gamma": self.gamma, "lambda_": self.lambda_, "t": self.t, "filter_wise": self.filter_wise,
+                "epsilon": self.epsilon, "select_topk": self.select_topk, "max_iter": self.max_iter, "tol": self.tol,
+                "row_wise": self.nuslerp_row_wise, "flatten": self.nuslerp_flatten,
                 "normalize": spec.normalize if self.normalize is None else self.normalize}  # fmt: skip
 
     def keeps_the_base(self) -> bool:
         """True when inputs that all equal the base merge to the base: every task vector is 0, or
-        (average) the weighted mean of equal tensors is that tensor (model_stock: ratio 0; slerp:
-        the two ends are equal)."""
+        (average) the weighted mean of equal tensors is that tensor (model_stock: ratio 0; slerp and
+        nuslerp: the two ends are equal; karcher: the mean of equal points is that point)."""
         return self.method != "average" or self.kwargs()["normalize"]
 
 

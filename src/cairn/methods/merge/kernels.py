@@ -192,3 +192,99 @@ def combine(out, base, thetas, weights, mode, thresholds, tie_cut, density, seed
             if lam != 1.0:
                 mixed = mixed * lam
             out[j] = b + mixed
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def della_prune(out, theta, base, cols, low, span, seed, i):
+    """DELLA's MagPrune of τ = θ − base, row by row (`cols` entries each, flat and contiguous):
+    the entry of rank q (0-based, ascending |τ|, ties to the lower index) in its row is kept with
+    probability low + span · q / (cols − 1) (low + span / 2 in a one-entry row), drawn from
+    (seed, input i, flat index). Writes the kept τ (else 0) to `out`; returns (Σ|τ|, Σ|kept τ|)
+    per row, in float64, for the L1 rescale."""
+    rows = base.size // cols
+    l1 = np.zeros((rows, 2))
+    for r in prange(rows):
+        start = r * cols
+        d = theta[start:start + cols] - base[start:start + cols]
+        order = np.argsort(np.abs(d), kind="mergesort")
+        before, after = 0.0, 0.0
+        for q in range(cols):
+            c = order[q]
+            p = low + span * 0.5 if cols == 1 else low + span * (np.float32(q) / np.float32(cols - 1))
+            keep = _uniform(seed, np.uint64(i), np.uint64(start + c)) < p
+            v = d[c] * np.float32(keep)
+            out[start + c] = v
+            before += abs(d[c])
+            after += abs(v)
+        l1[r, 0] = before
+        l1[r, 1] = after
+    return l1
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def input_variance(out, thetas, base):
+    """out[j] = the population variance over the inputs of τᵢ[j] = θᵢ[j] − base[j] (each τ in
+    the working precision, the variance summed in float64, then rounded to `out`'s dtype)."""
+    n, count = base.size, len(thetas)
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            b = base[j]
+            mean = 0.0
+            for i in range(count):
+                mean += np.float64(thetas[i][j] - b)
+            mean /= count
+            var = 0.0
+            for i in range(count):
+                e = np.float64(thetas[i][j] - b) - mean
+                var += e * e
+            out[j] = var / count
+
+
+@njit(cache=True, inline="always")
+def _selected(var, j, threshold, cut):
+    """Whether entry j is among SCE's selected: var above the threshold, or at it up to index cut
+    (a cut of -2 selects everything)."""
+    if cut == -2:
+        return True
+    return (var[j] > threshold) | ((var[j] == threshold) & (j <= cut))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def selected_squares(thetas, base, var, threshold, cut):
+    """Σⱼ τᵢ[j]² over the selected entries, per input (float64)."""
+    n, count = base.size, len(thetas)
+    blocks = (n + BLOCK - 1) // BLOCK
+    sums = np.zeros((blocks, count))
+    for blk in prange(blocks):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            if _selected(var, j, threshold, cut):
+                b = base[j]
+                for i in range(count):
+                    d = np.float64(thetas[i][j] - b)
+                    sums[blk, i] += d * d
+    return sums.sum(axis=0)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def sce_combine(out, thetas, base, var, threshold, cut, weights):
+    """out = base + Σ wᵢ eᵢ τᵢ / max(Σ wᵢ eᵢ, 1e-6) over the selected entries (else the base),
+    eᵢ = 1 where τᵢ's sign is the sign of Σᵢ τᵢ (≥ 0 counting as +), entry by entry."""
+    n, count = base.size, len(thetas)
+    zero = weights[0] - weights[0]
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            b = base[j]
+            if not _selected(var, j, threshold, cut):
+                out[j] = b
+                continue
+            total = b - b
+            for i in range(count):
+                total += thetas[i][j] - b
+            positive = total >= 0
+            mixed, divisor = zero, zero
+            for i in range(count):
+                d = thetas[i][j] - b
+                agree = np.float32((d > 0) if positive else (d < 0))
+                mixed += d * (weights[i] * agree)
+                divisor += weights[i] * agree
+            out[j] = b + mixed / max(divisor, np.float32(1e-6))

@@ -26,10 +26,40 @@ task vectors τᵢ = θᵢ − base:
 - `slerp`            spherical interpolation of the base (`t` = 0) and one input θ (`t` = 1), each
                      flattened: with ω the angle between them, (sin((1 − t) ω) base + sin(t ω) θ) / sin ω;
                      where |cos ω| > 0.9995, the linear (1 − t) base + t θ. Reads no weights.
+- `della`            DELLA-Merging (Deep et al., arXiv:2406.11617), MagPrune as mergekit implements it:
+                     in each row of τᵢ along axis 1 (a 1-D τᵢ is one row) of m entries, the entry of
+                     magnitude rank r (1 = smallest) is kept with probability
+                     p = `density` − `epsilon` + 2 `epsilon` (r − 1) / (m − 1) (so the mean is `density`),
+                     then the kept τᵢ is rescaled by ‖τᵢ‖₁ / ‖kept τᵢ‖₁ over the tensor (mergekit's
+                     default `rescale`); then TIES's sign election and sum (normalize default on).
+                     Needs 0 < `density` ± `epsilon` < 1 below `density` 1. Seeded: the draw of each
+                     entry is a function of (`seed`, parameter, input, entry) alone.
+- `della_linear`     the same pruning and rescale, then as `task_arithmetic` (normalize default off).
+- `sce`              SCE (Wan et al., FuseChat, arXiv:2408.07990): select the k = int(`select_topk` · nnz)
+                     entries of largest variance across the τᵢ (population variance; nnz its non-zero
+                     count; k in float32 as mergekit counts it) and zero the rest in every τᵢ;
+                     per-tensor weights wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) (1/N where that sum is below
+                     1e-6); eᵢ = [sign τᵢ = sign Σⱼ τⱼ] (≥ 0 counting as +); the merge is
+                     base + Σ wᵢ eᵢ τᵢ / max(Σ wᵢ eᵢ, 1e-6). Reads no weights.
+- `karcher`          the Karcher (Riemannian) mean of the inputs on the unit sphere (Karcher 1977;
+                     mergekit cites arXiv:2603.04972): with uᵢ = θᵢ / ‖θᵢ‖ (over the flattened tensor;
+                     inputs of norm ≤ `tol` left out), start from the normalized mean of the uᵢ and
+                     repeat at most `max_iter` times: θᵢ = arccos(u · uᵢ),
+                     T = Σ (1/N) θᵢ / sin θᵢ (uᵢ − (u · uᵢ) u) over θᵢ ≥ `tol`, stop once ‖T‖ < `tol`,
+                     else u ← cos‖T‖ u + sin‖T‖ T / ‖T‖, renormalized; the merge is (Σ ‖θᵢ‖ / N) u.
+                     The base only gives the shape (as for `average`). Reads no weights.
+- `nuslerp`          mergekit's NuSLERP: base + the spherical interpolation of the two task vectors
+                     τ₁, τ₂ at t = w₂ / (w₁ + w₂) (0.5 where |w₁ + w₂| < 1e-6): with
+                     cos ω = τ₁ · τ₂ / (max(‖τ₁‖, 1e-7) max(‖τ₂‖, 1e-7)),
+                     (sin((1 − t) ω) τ₁ + sin(t ω) τ₂) / sin ω, or (1 − t) τ₁ + t τ₂ where
+                     1 − cos² ω ≤ 1e-16; over the flattened tensor (`nuslerp_flatten`, default), else
+                     per row (per column with `nuslerp_row_wise`). Exactly two inputs.
 
-Defaults follow mergekit (`normalize` on for `average` and `ties`, off otherwise; λ = 1;
-`density` = 1; `gamma` = 0.01; `filter_wise` off; `t` required). The new methods were checked
-against mergekit 0.1.5's `sparsify.magnitude_outliers`, `model_stock` and `slerp` (bench/merge.py).
+Defaults follow mergekit (`normalize` on for `average`, `ties` and `della`, off otherwise; λ = 1;
+`density` = 1; `gamma` = 0.01; `epsilon` = 0.15; `select_topk` = 1; `max_iter` = 10; `tol` = 1e-5;
+`nuslerp_flatten` on; `filter_wise` off; `t` required). The newer methods were checked against
+mergekit 0.1.5's `sparsify.magnitude_outliers` and `della_magprune`, `model_stock`, `slerp`, `sce`,
+`karcher` and `nuslerp` (bench/merge.py).
 Differences: for DARE, mergekit rescales survivors to keep each task vector's L1 norm, where Cairn
 rescales by 1/`density` as in the DARE paper (equal in expectation); of entries tied in |τ| Cairn
 keeps the lowest indices, mergekit's unstable sort any. (mergekit 0.1.4's breadcrumbs kept no entry
@@ -241,6 +271,154 @@ def slerp(base, tensors, weights, *, t: float | None = None, **_):
     return (work(s0) * v0 + work(s1) * v1).astype(work, copy=False)
 
 
+def _rows_axis1(a: np.ndarray) -> np.ndarray:
+    """`a` as rows along its axis 1 (mergekit's DELLA ranks along dim 1; a 1-D tensor is one row)."""
+    if a.ndim < 2:
+        return a.reshape(1, -1)
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)).reshape(-1, a.shape[1])
+
+
+def della_deltas(base, theta, density: float, epsilon: float, seed: int, i: int) -> np.ndarray:
+    """DELLA's pruned and rescaled task vector τ' of input i (shape of `base`): in each row along
+    axis 1, the entry of magnitude rank r (1 = smallest of m, ties to the lower index) is kept with
+    probability p = density − epsilon + 2 epsilon (r − 1) / (m − 1) (mergekit's `della_magprune`;
+    p = density in a one-entry row, where mergekit divides 0 by 0), then τ' = kept τ · ‖τ‖₁ /
+    ‖kept τ‖₁ over the whole tensor (mergekit's default `rescale`; none where either norm is below
+    1e-7). Seeded by (seed, i, entry): the same seed drops the same entries."""
+    work = _work(base)
+    b, th = (np.asarray(a, work) for a in (base, theta))
+    shape = b.shape
+    rb, rt = _rows_axis1(b), _rows_axis1(th)
+    out = np.empty(rb.size, work)
+    l1 = K.della_prune(out, rt.reshape(-1), rb.reshape(-1), rb.shape[1], np.float32(density - epsilon), np.float32(2 * epsilon), np.uint64(seed), i)
+    before, after = l1.sum(axis=0)
+    if before >= 1e-7 and after >= 1e-7:
+        out *= work(before / after)
+    out = out.reshape(rb.shape)
+    if b.ndim > 2:  # back from rows along axis 1
+        moved = shape[:1] + shape[2:] + shape[1:2]
+        out = np.moveaxis(out.reshape(moved), -1, 1)
+    return np.ascontiguousarray(out).reshape(shape)
+
+
+def _della(base, tensors, weights, *, density, epsilon, lambda_, normalize, seed, elect):
+    work = _work(base)
+    b = _flat(base, work)
+    if density < 1:
+        taus = tuple(_flat(della_deltas(base, t, density, epsilon, seed, i), work) for i, t in enumerate(tensors))
+    else:
+        taus = tuple(_flat(t, work) - b for t in tensors)
+    mixed = np.empty_like(b)  # the combine over a zero base: λ · the mixed task vector, added to the base once, as mergekit
+    K.combine(mixed, np.zeros_like(b), taus, np.asarray(weights, work), 0, np.zeros(len(taus), work), np.full(len(taus), -1, np.int64),
+              work(1), np.uint64(0), elect, normalize, work(lambda_))  # fmt: skip
+    mixed += b
+    return mixed.reshape(base.shape)
+
+
+def della(base, tensors, weights, *, density=1.0, epsilon=0.15, lambda_=1.0, normalize=True, seed=0, **_):
+    return _della(base, tensors, weights, density=density, epsilon=epsilon, lambda_=lambda_, normalize=normalize, seed=seed, elect=True)
+
+
+def della_linear(base, tensors, weights, *, density=1.0, epsilon=0.15, lambda_=1.0, normalize=False, seed=0, **_):
+    return _della(base, tensors, weights, density=density, epsilon=epsilon, lambda_=lambda_, normalize=normalize, seed=seed, elect=False)
+
+
+def sce(base, tensors, weights, *, select_topk: float = 1.0, **_):
+    """Select by variance, weight by each τᵢ's mean square, elect signs, average the agreeing."""
+    _unweighted("sce", weights)
+    work = _work(base)
+    b = _flat(base, work)
+    thetas = tuple(_flat(t, work) for t in tensors)
+    n = b.size
+    var, threshold, cut = np.empty(0, work), 0.0, -2  # cut -2: every entry selected
+    if select_topk < 1:
+        var = np.empty(n, work)
+        K.input_variance(var, thetas, b)
+        # k as mergekit counts it: its count of non-zero variances times select_topk, in float32
+        k = int(np.float32(np.count_nonzero(var)) * np.float32(select_topk)) if work is np.float32 else int(np.count_nonzero(var) * select_topk)
+        if k == 0:
+            return np.asarray(base, work).copy()
+        threshold, cut = top_threshold(np.zeros_like(var), var, k)
+    squares = K.selected_squares(thetas, b, var, work(threshold), cut) / n
+    total = float(squares.astype(work).sum())
+    w = np.full(len(thetas), 1 / len(thetas)) if abs(total) < 1e-6 else squares / total
+    out = np.empty_like(b)
+    K.sce_combine(out, thetas, b, var, work(threshold), cut, w.astype(work))
+    return out.reshape(base.shape)
+
+
+def karcher(base, tensors, weights, *, max_iter: int = 10, tol: float = 1e-5, **_):
+    """The Karcher mean of the inputs on the unit sphere, scaled by their mean norm. The base
+    gives only the shape (as for `average`): list it among the inputs to include it.
+
+    Every iterate stays in the span of the inputs' unit vectors, so it runs on coefficients over
+    them and their Gram matrix (one float64 pass), and writes the tensor once."""
+    _unweighted("karcher", weights)
+    work = _work(base)
+    xs = [_flat(t, work) for t in tensors]
+    count = len(xs)
+    if count == 1:
+        return xs[0].copy().reshape(np.shape(base))
+    gram = np.zeros((count, count))
+    for c0 in range(0, xs[0].size, _BLOCK):
+        block = np.stack([x[c0:c0 + _BLOCK] for x in xs]).astype(np.float64)
+        gram += block @ block.T
+    norms = np.sqrt(np.diag(gram))
+    alpha = 1.0 / count
+    valid = [i for i in range(count) if norms[i] > tol]
+    out = np.zeros(xs[0].size, work)
+    if valid:
+        g = gram[np.ix_(valid, valid)] / np.outer(norms[valid], norms[valid])  # the unit vectors' Gram matrix
+        a = np.full(len(valid), 1.0 / len(valid))
+        length = np.sqrt(max(a @ g @ a, 0.0))
+        c = np.eye(len(valid))[0] if length < tol else a / length
+        for _ in range(max_iter):
+            dots = np.clip(g @ c, -1.0, 1.0)
+            theta = np.arccos(dots)
+            step = np.zeros_like(c)
+            for j in range(len(valid)):
+                if theta[j] >= tol:
+                    k = a[j] * theta[j] / np.sin(theta[j])
+                    step[j] += k
+                    step -= k * dots[j] * c
+            size = np.sqrt(max(step @ g @ step, 0.0))
+            if size < tol:
+                break
+            c = np.cos(size) * c + np.sin(size) * step / size
+            length = np.sqrt(max(c @ g @ c, 0.0))
+            if length > tol:
+                c = c / length
+        scale = alpha * norms.sum()
+        for j, i in enumerate(valid):
+            out += work(scale * c[j] / norms[i]) * xs[i]
+    return out.reshape(np.shape(base))
+
+
+def nuslerp(base, tensors, weights, *, row_wise: bool = False, flatten: bool = True, **_):
+    """base + the spherical interpolation of the two task vectors at t = w₂ / (w₁ + w₂)."""
+    if len(tensors) != 2:
+        raise ConfigError(f"nuslerp interpolates exactly 2 inputs besides the base (as mergekit's), got {len(tensors)}")
+    total = float(weights[0]) + float(weights[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    work = _work(base)
+    b = np.asarray(base, work)
+    v0, v1 = (np.asarray(x, work) - b for x in tensors)
+    if flatten or b.ndim < 2:
+        axis, keep = None, False
+    else:
+        axis, keep = (0 if row_wise else -1), True
+    wide = lambda x: x.astype(np.float64)  # noqa: E731
+    n0 = np.sqrt(np.sum(wide(v0) ** 2, axis=axis, keepdims=keep))
+    n1 = np.sqrt(np.sum(wide(v1) ** 2, axis=axis, keepdims=keep))
+    cos = np.clip(np.sum(wide(v0) * wide(v1), axis=axis, keepdims=keep) / (np.maximum(n0, 1e-7) * np.maximum(n1, 1e-7)), -1, 1)
+    colinear = 1 - cos**2 <= 1e-16
+    theta = np.arccos(np.where(colinear, 0.0, cos))
+    sin = np.where(colinear, 1.0, np.sin(theta))
+    s0 = np.where(colinear, 1 - t, np.sin((1 - t) * theta) / sin).astype(work)
+    s1 = np.where(colinear, t, np.sin(t * theta) / sin).astype(work)
+    return (b + (s0 * v0 + s1 * v1)).astype(work, copy=False)
+
+
 # Each merge method's math; its parameters (which it reads, its `normalize` default) are its row of
 # `cairn.options.MERGE_METHODS`, so that options validate without this module.
 METHODS: dict[str, Callable[..., np.ndarray]] = {
@@ -253,6 +431,11 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "breadcrumbs_ties": breadcrumbs_ties,
     "model_stock": model_stock,
     "slerp": slerp,
+    "della": della,
+    "della_linear": della_linear,
+    "sce": sce,
+    "karcher": karcher,
+    "nuslerp": nuslerp,
 }
 if METHODS.keys() != MERGE_METHODS.keys():
     raise ImportError(f"cairn.methods.merge.methods.METHODS {sorted(METHODS)} and cairn.options.MERGE_METHODS {sorted(MERGE_METHODS)} must name the same methods")
