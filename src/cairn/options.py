@@ -98,6 +98,24 @@ class OLoRAOptions(StrategyOptions):
     lambda2: float = Field(0.0, ge=0, description="weight of the L2 norm of the new adapter's parameters")
 
 
+class L2Options(StrategyOptions):
+    """L2-SP (methods/l2.py): sequential training with λ · Σ‖θ − θ_base‖² over the trained weights."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight of Σ‖θ − θ_base‖² (LoRA: Σ_modules ‖scale·B·A‖², the adapter being the whole delta); each stage records its ratio to the task loss")
+
+
+class EWCOptions(StrategyOptions):
+    """EWC (methods/ewc.py): sequential training with λ · Σ_j F_j (θ − θ*_j)², F_j the Fisher each
+    earlier contributor ships with its contribution (semi-collaborative: no earlier data is read)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lambda_: float = Field(100.0, ge=0, alias="lambda", description="weight of the elastic penalty Σ_j F_j (θ − θ*_j)² (no ½, as TRACE and EasyCL); each stage records its ratio to the task loss")
+    fisher_batch_size: int = Field(1, ge=1, description="examples per squared gradient of the Fisher estimate (1: per example)")
+
+
 @dataclass(frozen=True)
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
@@ -291,4 +309,6 @@ STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
     "olora": OLoRAOptions,
     "merge": MergeOptions,
     "moe": MoeOptions,
+    "l2": L2Options,
+    "ewc": EWCOptions,
 }

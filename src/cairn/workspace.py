@@ -71,8 +71,8 @@ class Workspace:
             if read_manifest(folder) is not None:
                 shutil.rmtree(self.checkpoints(folder), ignore_errors=True)
 
-    def _contribution_folder(self, start: str, task: Task, cfg: TrainConfig) -> Path:
-        return self.folder("contributions", start, task.data_hash(), cfg.model_dump(), uses_bf16(cfg))
+    def _contribution_folder(self, start: str, task: Task, cfg: TrainConfig, key: tuple = ()) -> Path:
+        return self.folder("contributions", start, task.data_hash(), cfg.model_dump(), uses_bf16(cfg), *key)
 
     def trained(self, folder: Path, task: Task, cfg: TrainConfig, run: Callable[[], TrainResult], base_fingerprint: str) -> TrainResult | None:
         """`run()`'s result once saved as the contribution `folder` (see `train_or_reuse`), or None
@@ -91,14 +91,17 @@ class Workspace:
             self.used.append(folder)
         return folder
 
-    def train(self, model, task: Task, cfg: TrainConfig):
-        """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done."""
+    def train(self, model, task: Task, cfg: TrainConfig, *, extra_loss: Callable | None = None, key: tuple = ()):
+        """`model` trained on `task` (a PeftModel for LoRA), from cache when this exact work was done.
+        A regularised training passes its `extra_loss` (see `cairn.training.train`) and `key`: what
+        the term depends on (its kind, options, anchors), which names its own cache folder."""
         cfg = self.config_for(task, cfg)
         start = fingerprint(model)
-        folder = self._contribution_folder(start, task, cfg)
+        folder = self._contribution_folder(start, task, cfg, key)
 
         def run() -> TrainResult:
-            return train(model, self.tokenizer, task.train, cfg, progress=self.progress, desc=f"{cfg.method} on {task.name}", checkpoint_dir=self.checkpoints(folder))
+            return train(model, self.tokenizer, task.train, cfg, extra_loss=extra_loss, progress=self.progress, desc=f"{key[0] if key else cfg.method} on {task.name}",
+                         checkpoint_dir=self.checkpoints(folder))  # fmt: skip
 
         result = self.trained(folder, task, cfg, run, start)
         if result is not None:
