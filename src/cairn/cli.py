@@ -151,13 +151,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="a mergekit YAML config instead of --method/--base/--inputs/... (see README)")
     _add_inputs(p, False, "HF model folders, PEFT adapter folders, or IDs in --store (required without --config)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per input (default: 1 each)")
-    p.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_*, breadcrumbs*; default 1)")
+    p.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_*, breadcrumbs*, della*; default 1)")
     p.add_argument("--gamma", type=float, help="breadcrumbs*: fraction of each task vector's largest entries dropped (default 0.01)")
     p.add_argument("--t", type=float, help="slerp: where between the base (0) and the input (1) (required for slerp)")
     p.add_argument("--filter-wise", action="store_true", default=None, help="model_stock: one ratio per output row, not per tensor (default: per tensor)")
+    p.add_argument("--epsilon", type=float, help="della*: keep probabilities run from density - epsilon to density + epsilon by magnitude rank (default 0.15)")
+    p.add_argument("--select-topk", type=float, help="sce: fraction of the entries of largest variance across the inputs kept (default 1)")
+    p.add_argument("--max-iter", type=int, help="karcher: most iterations (default 10)")
+    p.add_argument("--tol", type=float, help="karcher: convergence tolerance (default 1e-5)")
+    p.add_argument("--nuslerp-flatten", action=argparse.BooleanOptionalAction, help="nuslerp: over the whole tensor (default), or row by row")
+    p.add_argument("--nuslerp-row-wise", action="store_true", default=None, help="nuslerp without flattening: column by column instead of row by row")
     p.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector (default 1)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="divide by the summed weights (default: the method's)")
-    p.add_argument("--seed", type=int, help="seed of DARE's random drop (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the random drops of dare_* and della* (default 0)")
     p.add_argument("--combine", choices=("delta", "factors"), help="delta (default): merge each module's exact ΔW = B·A; factors: merge LoRA adapters' A with A and B with B, as PEFT's add_weighted_adapter (writes an adapter)")
     _add_output(p, "merge", "output folder (HF model, or PEFT adapter with --as-adapter)")
     p.add_argument("--as-adapter", action="store_true", help="write a PEFT LoRA adapter (truncated SVD of the merged delta)")
@@ -266,7 +272,9 @@ def _cmd_generate(args) -> None:
 
 def _cmd_merge(args) -> None:
     stats = api.merge(args.inputs, args.out, base=args.base, method=args.method, config=args.config, weights=args.weights, as_adapter=args.as_adapter,
-                      adapter_rank=args.rank, store=args.store, overwrite=args.overwrite, **_given(args, "density", "gamma", "t", "filter_wise", "lambda_", "seed", "normalize", "combine"))  # fmt: skip
+                      adapter_rank=args.rank, store=args.store, overwrite=args.overwrite,
+                      **_given(args, "density", "gamma", "t", "filter_wise", "epsilon", "select_topk", "max_iter", "tol", "nuslerp_flatten",
+                               "nuslerp_row_wise", "lambda_", "seed", "normalize", "combine"))  # fmt: skip
     line = f"merged {len(stats.get('inputs', []))} models ({stats['method']}) in {stats['wall_s']:.1f}s -> {args.out}"
     if "svd" in stats:
         svd = stats["svd"]

@@ -32,7 +32,7 @@ def test_linear_is_average_and_needs_no_base():
         ({"slices": []}, "key 'slices' is not supported"),
         ({"tokenizer_source": "base"}, "key 'tokenizer_source' is not supported"),
         ({"parameters": {"int8_mask": True}}, "parameters: key 'int8_mask' is not supported"),
-        ({"merge_method": "nuslerp"}, "merge_method 'nuslerp' is not one Cairn implements"),
+        ({"merge_method": "multislerp"}, "merge_method 'multislerp' is not one Cairn implements"),
         ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "models\\[0\\].parameters: weight does not apply to slerp, which reads no weights"),
         ({"merge_method": "model_stock", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight": 1.0}}, "parameters: weight does not apply to model_stock"),
         ({"merge_method": "breadcrumbs", "models": [{"model": "a", "parameters": {"gamma": 0.01}}, {"model": "b", "parameters": {"gamma": 0.02}}]}, "different gammas"),
