@@ -64,6 +64,13 @@ Differences: for DARE, mergekit rescales survivors to keep each task vector's L1
 rescales by 1/`density` as in the DARE paper (equal in expectation); of entries tied in |τ| Cairn
 keeps the lowest indices, mergekit's unstable sort any. (mergekit 0.1.4's breadcrumbs kept no entry
 where int(`gamma` n) is 0; 0.1.5, like Cairn, then keeps the top k: the plain magnitude pruning.)
+DELLA draws from its own counter-based generator, not torch's global one, so it equals mergekit in
+distribution (kept fraction per rank, rescale), not entry by entry; ranks of tied magnitudes go to
+the lower index. SCE's selection of entries tied at the k-th variance keeps the lowest indices
+(mergekit's `topk` any). Karcher runs on the coefficients of the iterate over the unit inputs (its
+dot products from their float64 Gram matrix) where mergekit updates whole float32 tensors: the same
+iteration, more exactly. Cairn's nuslerp needs the base (the `merge` strategy always has one);
+mergekit's nuslerp of two models without a base_model is not offered.
 """
 
 from __future__ import annotations
