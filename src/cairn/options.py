@@ -116,6 +116,14 @@ class EWCOptions(StrategyOptions):
     fisher_batch_size: int = Field(1, ge=1, description="examples per squared gradient of the Fisher estimate (1: per example)")
 
 
+class MagMaxOptions(StrategyOptions):
+    """MagMax (methods/magmax.py): sequential fine-tuning; stage s is the base plus λ times, per entry, the largest-magnitude task-vector entry of stages 1..s."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lambda_: float = Field(1.0, gt=0, alias="lambda", description="scale of the selected task vector added to the base (FusionBench's scaling_factor)")
+
+
 @dataclass(frozen=True)
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
@@ -311,4 +319,5 @@ STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
     "moe": MoeOptions,
     "l2": L2Options,
     "ewc": EWCOptions,
+    "magmax": MagMaxOptions,
 }
