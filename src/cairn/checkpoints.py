@@ -12,6 +12,12 @@ older one is deleted only after that, so a kill at any moment leaves a complete 
 
 Resuming restores all of these, so the resumed run computes the same steps on the same batches
 as an uninterrupted one: on CPU the final weights are bit-identical.
+
+A training sharded by FSDP2 checkpoints its shards instead: every process writes its shards of
+the trained parameters and of the optimizer state with `torch.distributed.checkpoint` into
+`shards/` (no process gathers the whole state), and the main process writes the rest as above.
+Resuming reads them back into the sharded model and optimizer, resharded if the number of
+processes changed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from cairn.io import atomic_dir
 
 PREFIX = "step-"
-STATE, WEIGHTS, TRAINER = "state.json", "trainable.safetensors", "trainer.pt"
+STATE, WEIGHTS, TRAINER, SHARDS = "state.json", "trainable.safetensors", "trainer.pt", "shards"
 
 
 def run_identity(config: dict, features: list[dict], params: dict[str, torch.Tensor]) -> str:
@@ -80,6 +86,7 @@ class Checkpoints:
 
     folder: Path
     run: str
+    sharded: object = None  # the FSDP2-sharded module being trained, whose shards every process saves and loads
 
     def _complete(self) -> list[Path]:
         return sorted(p for p in self.folder.glob(f"{PREFIX}*") if (p / STATE).is_file())
@@ -105,29 +112,74 @@ class Checkpoints:
             for other in found:
                 shutil.rmtree(other, ignore_errors=True)
             return None
-        weights = load_file(found[-1] / WEIGHTS)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
         trainer = torch.load(found[-1] / TRAINER, weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
+        if self.sharded is not None:
+            _load_shards(self.sharded, optimizer, found[-1] / SHARDS)
+        else:
+            weights = load_file(found[-1] / WEIGHTS)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(weights[name])
+            optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         rng = {"torch": trainer["torch_rng"], "cuda": trainer["cuda_rng"], "python": state["python_rng"], "numpy": state["numpy_rng"]}
         return Resume(state["epoch"], state["batch"], trainer["order"], state["progress"], rng)
 
     def save(self, params: dict[str, torch.Tensor], optimizer, scheduler, *, epoch: int, batch: int, order: torch.Tensor, progress: dict) -> None:
-        """Write the checkpoint after `progress["steps"]` optimizer steps, then delete the older one."""
+        """Write the checkpoint after `progress["steps"]` optimizer steps, then delete the older one.
+        Sharded: every process calls it, and every process returns once the checkpoint is in place."""
         from safetensors.torch import save_file
+
+        from cairn.distributed import barrier, is_main
 
         step = progress["steps"]
         rng = rng_states()
         size = 3 * sum(p.numel() * p.element_size() for p in params.values())  # weights and AdamW's two moments
+        shards = self.folder / f".{PREFIX}{step:08d}.{SHARDS}"  # one name for every process; a leftover is removed by `resume`
+        if self.sharded is not None:
+            _save_shards(self.sharded, optimizer, shards)
+            if not is_main():
+                barrier()
+                return
         with atomic_dir(self.folder / f"{PREFIX}{step:08d}", needed=size) as tmp:
-            save_file({name: p.detach().contiguous() for name, p in params.items()}, tmp / WEIGHTS)
-            trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "order": order, "torch_rng": rng["torch"], "cuda_rng": rng["cuda"]}
+            if self.sharded is not None:
+                shards.rename(tmp / SHARDS)
+            else:
+                save_file({name: p.detach().contiguous() for name, p in params.items()}, tmp / WEIGHTS)
+            trainer = {"scheduler": scheduler.state_dict(), "order": order, "torch_rng": rng["torch"], "cuda_rng": rng["cuda"]}
+            if self.sharded is None:
+                trainer["optimizer"] = optimizer.state_dict()
             torch.save(trainer, tmp / TRAINER)
             state = {"run": self.run, "step": step, "epoch": epoch, "batch": batch, "progress": progress, "python_rng": rng["python"], "numpy_rng": rng["numpy"]}
             (tmp / STATE).write_text(json.dumps(state))
         for older in self._complete():
             if older.name != f"{PREFIX}{step:08d}":
                 shutil.rmtree(older, ignore_errors=True)
+        if self.sharded is not None:
+            barrier()
+
+
+def _sharded_state(module, optimizer) -> dict:
+    """The trainable parameters' and the optimizer's state of an FSDP2-sharded `module`, as this
+    process's shards (DTensors), keyed as `torch.distributed.checkpoint` saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    weights, moments = get_state_dict(module, inner, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    return {"model": weights, "optim": moments}
+
+
+def _save_shards(module, optimizer, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(module, optimizer), checkpoint_id=folder)
+
+
+def _load_shards(module, optimizer, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _sharded_state(module, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_state_dict(module, inner, model_state_dict=state["model"], optim_state_dict=state["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))

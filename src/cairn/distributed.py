@@ -8,6 +8,7 @@ wrote. Run alone, there is one process, it is the main one, and waiting is free.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 from cairn.errors import ConfigError
 
@@ -47,3 +48,53 @@ def main_writes(write) -> None:
     if is_main():
         write()
     barrier()
+
+
+# --- sharded training (FSDP2) ----------------------------------------------------------------------
+# accelerate and PyTorch do the sharding; what Cairn adds is where to start it and how to read the
+# whole model back. Outside `cairn.training.train` every process holds the whole model, as it does
+# after loading one: saving, routing statistics, fingerprints and evaluation read it unchanged.
+
+
+def fsdp2_requested(accelerator) -> bool:
+    """True when `accelerate launch` was given an FSDP config. On GPUs accelerate reports it as
+    distributed_type FSDP; on CPU processes (ACCELERATE_USE_CPU=1) it falls back to MULTI_CPU but
+    keeps the config's FSDP settings in the environment, and PyTorch's FSDP2 runs there over gloo.
+    FSDP1 (fsdp_version 1) is refused: its flat parameters are not the per-parameter DTensors the
+    rest of this module reads."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        version = accelerator.state.fsdp_plugin.fsdp_version
+    elif accelerator.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+    else:
+        return False
+    if version != 2:
+        raise ConfigError(f"accelerate config: fsdp_version {version}; Cairn shards with FSDP2: set fsdp_config: {{fsdp_version: 2}} (docs/distributed.md)")
+    return True
+
+
+def shard(accelerator, module, optimizer):
+    """`(module, optimizer)` with `module`'s parameters sharded by FSDP2 between the processes, as
+    the launch's FSDP settings say (auto-wrap policy, resharding, offload): through
+    `accelerator.prepare` where accelerate runs FSDP (GPUs), else through the very function that
+    `prepare` calls, on the CPU mesh (accelerate's FSDP mode needs GPUs). `module` is sharded in
+    place; the optimizer is rebuilt over the sharded parameters by `optimizer(params)`."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.prepare(module, optimizer([p for p in module.parameters() if p.requires_grad]))
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings `accelerate launch` exported
+    view = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", device=accelerator.device, is_main_process=is_main())
+    module = fsdp2_prepare_model(view, module)
+    return module, accelerator.prepare(optimizer([p for p in module.parameters() if p.requires_grad]))
+
+
+def whole(tensor):
+    """The whole value of a parameter or state that FSDP2 shards (a DTensor), gathered on every
+    process; any other tensor as it is. Every process must call it, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

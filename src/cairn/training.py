@@ -2,7 +2,9 @@
 
 Built on accelerate: under `accelerate launch` (data parallel, DDP on GPUs or gloo on CPUs) every
 process draws the same global batches and trains on its rows of each, so N processes follow the
-loss curve of one (tests/distributed); `batch_size` is the global batch. Extra loss
+loss curve of one (tests/distributed); `batch_size` is the global batch. Under an FSDP2 config
+the loop trains a sharded copy of the model and gathers the trained weights back into the whole
+model on every process when it ends, so nothing outside this loop sees a shard. Extra loss
 terms (regularisers of later methods) plug in through `extra_loss(model) -> tensor`. Given a
 checkpoint folder, the loop checkpoints itself every few optimizer steps and resumes from the
 folder's checkpoint (see `cairn.checkpoints`); a NaN or infinite loss stops it with
@@ -11,9 +13,10 @@ folder's checkpoint (see `cairn.checkpoints`); a NaN or infinite loss stops it w
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from cairn.checkpoints import Checkpoints, Resume, run_identity, set_rng_states
 from cairn.data.batching import IGNORE, encode, length_grouped_loader
 from cairn.data.task import Example
+from cairn.distributed import fsdp2_requested, shard as fsdp2_shard, whole
 from cairn.errors import ConfigError, DataError, TrainingDiverged
 from cairn.models import causal_lm_of
 from cairn.options import TrainConfig
@@ -131,17 +135,21 @@ class AnswerLoss(torch.nn.Module):
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def clipped_step(accelerator, optimizer, params: list[torch.Tensor], max_norm: float | None) -> None:
+def clipped_step(accelerator, optimizer, params: list[torch.Tensor], max_norm: float | None, *, sharded: bool = False) -> None:
     """One optimizer step on gradients clipped to total norm `max_norm` (None: unclipped).
 
     A fused AdamW divides the gradients by its `grad_scale` as it reads them (the hook GradScaler
     unscales through), so there clipping is one read of the gradients for their norm instead of a
     read and a scaling pass: about 1 GB of memory traffic a step for a full 135M-parameter model.
-    Anything else clips as accelerate does.
+    Sharded gradients (FSDP2) take the norm of the whole gradient, summed over the shards; anything
+    else clips as accelerate does.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
     fused = all(group.get("fused") for group in inner.param_groups) and getattr(accelerator, "scaler", None) is None
-    if max_norm and not fused:
+    if max_norm and sharded:
+        grads = [p.grad for p in params if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, whole(torch.nn.utils.get_total_norm(grads)))
+    elif max_norm and not fused:
         accelerator.clip_grad_norm_(params, max_norm)
     elif max_norm:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -265,31 +273,47 @@ def train(
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     _check_distribution(accelerator, cfg)
+    sharded = fsdp2_requested(accelerator)
+    if sharded and extra_loss is not None:
+        raise ConfigError(
+            f"{desc}: a regularised training (an extra loss term over the whole adapter or model, e.g. olora's orthogonality "
+            "penalty) cannot run sharded by FSDP2, whose processes each hold a shard of it; train it with data parallelism "
+            "(distributed_type: MULTI_GPU): LoRA adapters are small enough (docs/distributed.md)"
+        )
     if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable(name))
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def adamw(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        fused = not sharded and accelerator.device.type in ("cpu", "cuda")  # the fused kernel takes no DTensors
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+    if sharded:  # FSDP2 shards a copy in place; `model` stays whole and takes the trained weights at the end
+        loss_of, optimizer = fsdp2_shard(accelerator, AnswerLoss(copy.deepcopy(model)), adamw)
+        named = {name.removeprefix("model."): p for name, p in loss_of.named_parameters() if p.requires_grad}
+    else:
+        named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        loss_of, optimizer = accelerator.prepare(AnswerLoss(model), adamw(list(named.values())))
     params = list(named.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
     features = [encode(ex, tokenizer, cfg.max_length) for ex in examples]
     loader = length_grouped_loader(features, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
     order = loader.sampler.generator
     total = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
+    # The loader stays unprepared: each process draws every global batch and keeps its `shard`. So
+    # does the scheduler: prepared, it would step once per process at every optimizer step.
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
-        optimizer,
+        getattr(optimizer, "optimizer", optimizer),
         num_warmup_steps=int(cfg.warmup_ratio * total),
         num_training_steps=total,
     )
-    # The loader stays unprepared: each process draws every global batch and keeps its `shard`. So
-    # does the scheduler: prepared, it would step once per process at every optimizer step.
-    loss_of, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
     autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     longest = max(len(f["input_ids"]) for f in features)
     result = TrainResult(model=None, trainable_params=sum(p.numel() for p in params), bf16=use_bf16)
-    checkpoints = Checkpoints(Path(checkpoint_dir), run_identity(cfg.model_dump(), features, named)) if checkpoint_dir is not None else None
+    identity = run_identity({**cfg.model_dump(), **({"fsdp2": True} if sharded else {})}, features, named)  # a sharded checkpoint holds shards
+    checkpoints = Checkpoints(Path(checkpoint_dir), identity, sharded=loss_of if sharded else None) if checkpoint_dir is not None else None
     resume = checkpoints.resume(named, optimizer, scheduler) if checkpoints else None
     for key, value in (resume.progress if resume else {}).items():
         setattr(result, key, value)
@@ -298,16 +322,14 @@ def train(
     start = time.perf_counter() - result.wall_s  # a resumed run counts the time trained before
     window, extra_window = [], []  # per-batch losses of the current step (the extra term alone in extra_window)
     loss_of.train()
-    with (
-        frozen_in_bf16(model, use_bf16),
-        attention_for(model, longest),
-        fused_lora(model, torch.bfloat16 if use_bf16 else None),
-        sparse_tied_lookup(model),
-    ):
+    with ExitStack() as speedups:
+        if not sharded:  # each rewrites the whole model's modules or weights, which FSDP2 holds as shards
+            for speedup in (frozen_in_bf16(model, use_bf16), attention_for(model, longest), fused_lora(model, torch.bfloat16 if use_bf16 else None), sparse_tied_lookup(model)):
+                speedups.enter_context(speedup)
         for epoch, index, order_state, batch in _batches(loader, order, cfg.epochs, resume):
             step = (index + 1) % cfg.grad_accum == 0 or index + 1 == len(loader)
             counted = answer_tokens(batch)
-            with nullcontext() if step else accelerator.no_sync(loss_of):
+            with nullcontext() if step else _no_sync(accelerator, loss_of, sharded):
                 with autocast():
                     ce, _ = loss_of(**{k: v.to(accelerator.device) for k, v in shard(batch, rank, world).items()})
                     # Summed over this process's rows and divided by the global count, times `world`
@@ -325,7 +347,7 @@ def train(
                 accelerator.backward(loss / cfg.grad_accum)
             result.tokens += int(batch["attention_mask"].sum())
             if step:
-                clipped_step(accelerator, optimizer, params, cfg.max_grad_norm)
+                clipped_step(accelerator, optimizer, params, cfg.max_grad_norm, sharded=sharded)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20 - start_mb)
@@ -338,27 +360,64 @@ def train(
                 result.wall_s = time.perf_counter() - start
                 bar.set_postfix(epoch=epoch + 1, loss=f"{result.losses[-1]:.3f}", tok_s=f"{result.tokens / result.wall_s:.0f}")
                 bar.update(1)
-                if checkpoints and result.steps % every == 0 and result.steps < total and accelerator.is_main_process:
+                if checkpoints and result.steps % every == 0 and result.steps < total and (sharded or accelerator.is_main_process):
                     done = {key: getattr(result, key) for key in PROGRESS}
                     checkpoints.save(named, optimizer, scheduler, epoch=epoch, batch=index + 1, order=order_state, progress=done)
     bar.close()
+    if sharded:
+        _gather_into(model, named)
+        del loss_of, optimizer, named, params
+        accelerator.free_memory()  # accelerate keeps the sharded copy and its optimizer otherwise
+        model.to(accelerator.device)  # where data parallelism leaves it
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.tokens / result.wall_s if result.wall_s else 0.0
     model.eval()
-    result.model = model  # trained in place: the DDP wrapper shares its parameters
+    result.model = model  # trained in place (the DDP wrapper shares its parameters), or gathered into it
     return result
 
 
+@contextmanager
+def _no_sync(accelerator, module, sharded: bool):
+    """No gradient sync for the backward passes inside (gradient accumulation): FSDP2's switch on
+    a sharded module (accelerate's `no_sync` knows only DDP's on CPU processes), else accelerate's."""
+    if not sharded:
+        with accelerator.no_sync(module):
+            yield
+        return
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def _gather_into(model, named: dict[str, torch.Tensor]) -> None:
+    """Copy the trained parameters of FSDP2's sharded copy (`named`, by the names they have in
+    `model`) into `model`, whole, on every process: one parameter gathered at a time, so the
+    gather needs one parameter's memory beyond the model's."""
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in named.items():
+            own[name].copy_(whole(p.detach()))
+
+
 def _check_distribution(accelerator, cfg: TrainConfig) -> None:
-    """Refuse what this loop cannot do under `accelerate launch`, before any work: sharded
-    parameters, and a global batch smaller than the number of processes."""
+    """Refuse what this loop cannot do under `accelerate launch`, before any work: DeepSpeed and
+    Megatron-LM engines, and a global batch smaller than the number of processes. (FSDP2 is
+    checked by `cairn.distributed.fsdp2_requested`.)"""
+    from accelerate.utils import parse_flag_from_env
+
     kind = accelerator.distributed_type.value
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind == "DEEPSPEED" or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # on CPUs accelerate runs a DeepSpeed config as MULTI_CPU
         raise ConfigError(
-            f"accelerate config: distributed_type {kind} shards the parameters, which Cairn does not support yet (saving a "
-            "contribution, its routing statistics and the evaluation read the whole model in one process); use data "
-            "parallelism (distributed_type: MULTI_GPU, or MULTI_CPU), see docs/distributed.md"
+            "accelerate config: distributed_type DEEPSPEED: Cairn's training loop does not drive a DeepSpeed engine (its "
+            "backward, step, clipping and checkpoints are the engine's own). For ZeRO-3's sharding of parameters, gradients "
+            "and optimizer states use FSDP2, which shards the same three (distributed_type: FSDP, fsdp_config: {fsdp_version: 2, "
+            "fsdp_reshard_after_forward: true}); configs/accelerate/fsdp2.yaml is one. A DeepSpeed launch would also need CUDA "
+            "GPUs and `pip install deepspeed` (docs/distributed.md)"
         )
+    if kind == "MEGATRON_LM":
+        raise ConfigError("accelerate config: distributed_type MEGATRON_LM is not supported; use MULTI_GPU (data parallel) or FSDP with fsdp_version 2 (docs/distributed.md)")
     if cfg.batch_size < accelerator.num_processes:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is the global batch, split between {accelerator.num_processes} processes: it must be at least {accelerator.num_processes}"

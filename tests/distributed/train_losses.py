@@ -1,25 +1,51 @@
 """Train tiny-random on generated examples and write the loss curve to the JSON file named by
-argv[1]; argv[2:] are TrainConfig fields as KEY=VALUE (YAML values). Run alone, or under
-`accelerate launch` by tests/distributed/test_launch.py."""
+argv[1]. Run alone, or under `accelerate launch` by tests/distributed/. argv[2:] are TrainConfig
+fields as KEY=VALUE (YAML values), and these:
+
+- `checkpoint_dir=PATH`, `checkpoint_every=N`: checkpoint the training there;
+- `stop_after_checkpoints=N`: every process exits right after its N-th checkpoint, as a run
+  killed then would (exit code 3);
+- `weights=PATH`: the main process saves the trained model's trainable weights there.
+
+Every process writes the fingerprint of the model it holds after training to `<argv[1]>.rank<R>`.
+"""
 
 import json
 import sys
 
 import yaml
-
-from cairn.data import Example
 from accelerate import PartialState
+from safetensors.torch import save_file
 
+from cairn.checkpoints import Checkpoints
+from cairn.data import Example
 from cairn.distributed import is_main
-from cairn.models import load_model
+from cairn.models import fingerprint, load_model
 from cairn.options import TrainConfig
 from cairn.training import train
 
 out, *fields = sys.argv[1:]
-cfg = TrainConfig(**{k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields)})
+given = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields)}
+script = {k: given.pop(k) for k in ("checkpoint_dir", "checkpoint_every", "stop_after_checkpoints", "weights") if k in given}
+cfg = TrainConfig(**given)
+if "stop_after_checkpoints" in script:
+    save, saved = Checkpoints.save, []
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        saved.append(1)
+        if len(saved) == script["stop_after_checkpoints"]:
+            sys.exit(3)
+
+    Checkpoints.save = save_then_stop
 model, tokenizer = load_model("tiny-random")
 examples = [Example(f"Question: what is item {i}?\nAnswer:", f"thing{i} of kind {i % 3}" + " and more" * (i % 4)) for i in range(22)]
-result = train(model, tokenizer, examples, cfg, progress=False)
+result = train(model, tokenizer, examples, cfg, progress=False, checkpoint_dir=script.get("checkpoint_dir"), checkpoint_every=script.get("checkpoint_every"))
+state = PartialState()
+with open(f"{out}.rank{state.process_index}", "w") as f:
+    f.write(fingerprint(result.model))
 if is_main():
+    if "weights" in script:
+        save_file({n: p.detach().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}, script["weights"])
     with open(out, "w") as f:
-        json.dump({"processes": PartialState().num_processes, "losses": result.losses, "tokens": result.tokens, "steps": result.steps}, f)
+        json.dump({"processes": state.num_processes, "losses": result.losses, "tokens": result.tokens, "steps": result.steps}, f)
