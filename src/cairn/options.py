@@ -124,6 +124,15 @@ class MagMaxOptions(StrategyOptions):
     lambda_: float = Field(1.0, gt=0, alias="lambda", description="scale of the selected task vector added to the base (FusionBench's scaling_factor)")
 
 
+class LwFOptions(StrategyOptions):
+    """LwF (methods/lwf.py): sequential training + λ · KL(previous model ‖ current) at temperature T on the current task's batches."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="weight of the distillation term (LwF's λ_o); each stage records its ratio to the task loss")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of both distributions (LwF's and TRACE's 2)")
+
+
 @dataclass(frozen=True)
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
@@ -320,4 +329,5 @@ STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
     "l2": L2Options,
     "ewc": EWCOptions,
     "magmax": MagMaxOptions,
+    "lwf": LwFOptions,
 }
