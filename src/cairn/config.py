@@ -318,7 +318,7 @@ class Origin:
 
 
 # Strategy options that name a folder, by kind, and the values of each that are keywords, not paths.
-PATH_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {"moe": {"general": ("mean",)}}
+PATH_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {"moe": {"general": ("mean",)}, "replay": {"general": ()}}
 
 
 def _is_path(source) -> bool:

@@ -18,9 +18,10 @@ from typing import Iterator
 from cairn import run_folder
 from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
+from cairn.data.loaders import load_train_split
 from cairn.data.task import Task
 from cairn.distributed import is_main
-from cairn.errors import ConfigError, ModelError, TrainingDiverged
+from cairn.errors import ConfigError, DataError, ModelError, TrainingDiverged
 from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
 from cairn.io import atomic_write_json
@@ -157,6 +158,17 @@ def _described(task) -> dict:
     return {"name": task.name, "metric": task.metric, "examples": {s: len(xs) for s, xs in task.splits.items()}}
 
 
+def _check_general_data(cfg: ExperimentConfig) -> None:
+    """Every `replay` strategy's `general` source reads as training material (its train split), before any model is loaded."""
+    for spec in cfg.strategies:
+        general = spec.typed_options().general if spec.kind == "replay" else None
+        if general is not None:
+            try:
+                load_train_split(general)
+            except DataError as exc:
+                raise ConfigError(f"strategy {spec.name!r}: general {general!r}, the source replayed as general data: {exc}") from None
+
+
 def check_experiment(cfg: ExperimentConfig, out: Path | None = None, *, overwrite: bool = False) -> dict:
     """Everything a run of `cfg` reads before it trains, checked without loading a model: the base's
     spec (`check_base`), every task and probe source, task_train's task names, the strategies'
@@ -166,11 +178,12 @@ def check_experiment(cfg: ExperimentConfig, out: Path | None = None, *, overwrit
     tasks, probe = cfg.load_tasks()
     probes = cfg.load_probes()
     _check_task_train(cfg, [t.name for t in tasks])
+    _check_general_data(cfg)
     strategies = []
     for spec in cfg.strategies:
         opts, train = spec.typed_options(), cfg.train_config(spec, cfg.seeds[0])
         general = getattr(opts, "general", None)
-        if general not in (None, "mean") and not (Path(general) / "adapter_config.json").is_file():
+        if spec.kind == "moe" and general not in (None, "mean") and not (Path(general) / "adapter_config.json").is_file():
             raise ConfigError(f"strategy {spec.name!r}: general {general!r} is not a LoRA adapter folder (no adapter_config.json there); give one, or 'mean'")
         options = opts.model_dump(mode="json", exclude_defaults=True)
         strategies.append({"name": spec.name, "kind": spec.kind, "method": train.method, "lr": train.learning_rate, "epochs": train.epochs, "options": options})
@@ -194,6 +207,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     out = Path(out or cfg.out_dir())
     main = is_main()
     tasks, probe = cfg.load_tasks()
+    _check_general_data(cfg)
     names = [t.name for t in tasks]
     tracker = None
     if cfg.tracker and main:

@@ -78,6 +78,14 @@ class SequentialOptions(StrategyOptions):
 
 class ReplayOptions(StrategyOptions):
     rate: float = Field(0.1, ge=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task (0: sequential training, the control)")
+    general: str | None = Field(None, description="a task source replayed at every stage as general data, beside the earlier tasks (TRACE replays Lima); only its train split is read")
+    general_rate: float = Field(0.1, ge=0, le=10, description="examples replayed from `general` at each stage, as a fraction of the current task")
+
+    @model_validator(mode="after")
+    def _general_rate_needs_general(self, info: ValidationInfo):
+        if "general_rate" in given(self, info) and self.general is None:
+            raise ValueError("general_rate applies only with general: SOURCE, the task source replayed as general data; set general or drop general_rate")
+        return self
 
     def reads_history(self) -> bool:
         return True

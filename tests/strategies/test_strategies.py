@@ -181,3 +181,53 @@ def test_the_continual_learning_baselines_are_semi_collaborative_and_read_their_
     assert not any(opts.reads_history() for opts in (ewc, l2, magmax, lwf))
     with pytest.raises(ConfigError, match="lambda: Input should be greater than or equal to 0"):
         parse_config({**QUICKSTART, "strategies": [{"name": "e", "kind": "ewc", "lambda": -1}]})
+
+
+def test_replay_with_general_data_mixes_general_rate_times_the_task_at_every_stage(tmp_path):
+    import json
+
+    general = tmp_path / "Lima"
+    general.mkdir()
+    (general / "train.json").write_text(json.dumps([{"prompt": f"g{i}", "answer": f"g{i}"} for i in range(50)]))
+    (general / "test.json").write_text(json.dumps([{"prompt": "q", "answer": ""}]))  # empty, as trace-500/Lima's: never read
+    tasks = [task("a", 20), task("b", 30)]
+    work = run("replay", tasks, ReplayOptions(rate=0.1, general=str(general), general_rate=0.5))
+    assert [Counter(ex.answer[0] for ex in t.train) for t in work.trained] == [{"a": 20, "g": 10}, {"b": 30, "a": 3, "g": 15}]
+    notes = [n for n in work.notes if "replayed_general" in n]
+    assert [len(n["replayed_general"]["Lima"]) for n in notes] == [10, 15]
+    assert notes[0]["replayed_general"] == [n for n in run("replay", tasks, ReplayOptions(rate=0.1, general=str(general), general_rate=0.5)).notes if "replayed_general" in n][0]["replayed_general"]
+
+
+def test_general_rate_without_general_and_a_general_source_that_cannot_be_read_are_refused(tmp_path):
+    from cairn.experiment import check_experiment
+
+    with pytest.raises(ConfigError, match="general_rate applies only with general: SOURCE"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "general_rate": 0.2}]})
+    cfg = parse_config({**QUICKSTART, "probe": None, "strategies": [{"name": "r", "kind": "replay", "general": str(tmp_path / "nowhere")}]})
+    with pytest.raises(ConfigError, match=r"strategy 'r': general '.*nowhere', the source replayed as general data: task source not found"):
+        check_experiment(cfg)
+
+
+def test_a_config_files_general_source_is_read_from_its_folder(tmp_path):
+    from cairn.config import load_config
+
+    (tmp_path / "exp.yaml").write_text("base: tiny-random\ntasks: [pack:people]\nstrategies: [{name: r, kind: replay, general: data/Lima}]\n")
+    assert load_config(tmp_path / "exp.yaml").strategies[0].typed_options().general == str(tmp_path / "data" / "Lima")
+
+
+def test_replay_with_general_data_runs_end_to_end(tmp_path):
+    import json
+
+    import cairn
+    from conftest import code_tasks
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": f"{i}"}) + "\n" for i in range(8)))
+    config = parse_config({
+        "name": "g", "base": "tiny-random", "tasks": code_tasks(tmp_path), "probe": None,
+        "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
+        "strategies": [{"name": "rg", "kind": "replay", "rate": 0.5, "general": str(general), "general_rate": 0.5}],
+    })  # fmt: skip
+    results = cairn.run(config, tmp_path / "run", progress=False, log=lambda *_: None)
+    stages = results["strategies"]["rg"]["stages"]
+    assert [len(s["replayed_general"]["general"]) for s in stages] == [3, 3] and len(results["strategies"]["rg"]["R"]) == 3

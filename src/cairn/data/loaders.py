@@ -75,6 +75,59 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     return task
 
 
+def load_train_split(source: str, *, seed: int = 0) -> Task:
+    """The train split alone of a task source, for data used only as training material (general
+    data replayed beside the tasks, as TRACE replays Lima): a TRACE or datasets folder is read for
+    its train split only (its eval and test may be empty or absent), a file's records marked with
+    another split are skipped unread, and a file without splits is all train (no 80/10/10 cut).
+    `pack:NAME` gives its train split; `?limit=N` cuts it to a seeded sample."""
+    source = str(source)
+    if source.startswith(("lm-eval:", "probe:")):
+        raise DataError(f"{source}: an evaluation set has no training examples; give a file, a folder or pack:NAME")
+    if source.startswith("pack:"):
+        pack = _load_pack(source)
+        return Task(pack.name, "exact", {"train": pack.train})
+    path_text, limit = path_source(source)
+    try:
+        path = Path(path_text).expanduser()
+    except RuntimeError as exc:
+        raise DataError(f"task source not found: {path_text} ({exc})") from exc
+    if not path.exists():
+        raise DataError(f"task source not found: {path_text} (expected a .json/.jsonl file, a folder or pack:NAME)")
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        examples = _hf_train_rows(path)
+    elif path.is_dir():
+        files = [path / f"train{ext}" for ext in _EXTS if (path / f"train{ext}").is_file()]
+        if not files:
+            raise DataError(f"{path}: no train.json or train.jsonl (a replay-only source needs its train split, nothing else)")
+        examples = read_examples(files[0])
+    else:
+        records = _read_records(path)
+        marked = [(w, r) for w, r in records if isinstance(r, dict) and "split" in r]
+        if marked:
+            records = [(w, r) for w, r in marked if isinstance(r["split"], str) and SPLIT_ALIASES.get(r["split"]) == "train"]
+        examples = [_example(r, f"{path} {w}") for w, r in records]
+    if not examples:
+        raise DataError(f"{source}: no training examples")
+    task = Task(path.name if path.is_dir() else path.stem, "exact", {"train": examples})
+    return task.limited({"train": limit}, seed) if limit is not None else task
+
+
+def _hf_train_rows(path: Path) -> list[Example]:
+    """A datasets folder's train split (a DatasetDict's `train`; a single Dataset: every row)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise DataError(f"{path}: cannot load the datasets folder ({exc})") from exc
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: no train split (has {', '.join(ds)}); a replay-only source needs its train split")
+        ds = ds["train"]
+    return [_example(row, f"{path} row {i}") for i, row in enumerate(ds)]
+
+
 def path_source(source: str) -> tuple[str, int | None]:
     """(path, limit) of a file or folder source `PATH?limit=N`; a path that exists as written keeps its '?'."""
     path, mark, query = source.rpartition("?")
