@@ -152,20 +152,47 @@ def quadratic(params: list[Tensor], terms: list[tuple[Tensor, Tensor, float]]) -
     return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
+def _fisher_path(folder: Path) -> Path:
+    path = folder / FILE
+    if not path.is_file():
+        load_fisher(folder)  # its error names what is missing
+    return path
+
+
+def consolidated_terms(contributions: list[Path]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{saved name: (F, μ, c)} of the earlier contributions' folders (their shipped Fisher F_j and
+    weights θ*_j), read one tensor name at a time from all of them: memory for F and μ, not for
+    every stage's Fisher and weights."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    if not contributions:
+        raise ModelError("EWC's penalty needs at least one earlier contribution")
+    with ExitStack() as stack:
+        fishers, weights = [], []
+        for folder in map(Path, contributions):
+            fishers.append(stack.enter_context(safe_open(_fisher_path(folder), framework="pt")))
+            handles = [stack.enter_context(safe_open(file, framework="pt")) for file in _weight_files(folder)]
+            weights.append({key: h for h in handles for key in h.keys()})
+        names = set(fishers[0].keys())
+        for folder, fisher in zip(contributions[1:], fishers[1:]):
+            if set(fisher.keys()) != names:
+                raise ModelError(f"{Path(folder) / FILE} names other tensors than {Path(contributions[0]) / FILE}: the contributions were not trained alike")
+        terms = {}
+        for name in sorted(names):
+            for folder, held in zip(contributions, weights):
+                if name not in held:
+                    raise ModelError(f"{Path(folder) / FILE} names {name!r}, which the contribution's weights lack: the Fisher file belongs to another model")
+            terms[name] = consolidate([f.get_tensor(name).float() for f in fishers], [w[name].get_tensor(name).float() for w in weights])
+    return terms
+
+
 def penalty(contributions: list[Path], lam: float):
     """The `extra_loss` of an EWC stage, from the earlier contributions' folders alone (their weights
     θ*_j and shipped Fisher F_j): λ · Σ_j Σ F_j (θ − θ*_j)² over the trained weights of the model
     training calls it with, which must be the weights the Fisher files name."""
-    if not contributions:
-        raise ModelError("EWC's penalty needs at least one earlier contribution")
-    fishers = [load_fisher(folder) for folder in contributions]
-    names = set(fishers[0])
-    for folder, fisher in zip(contributions[1:], fishers[1:]):
-        if set(fisher) != names:
-            raise ModelError(f"{Path(folder) / FILE} names other tensors than {Path(contributions[0]) / FILE}: the contributions were not trained alike")
-    anchors = [load_anchor(folder, names) for folder in contributions]
-    terms = {name: consolidate([f[name] for f in fishers], [a[name] for a in anchors]) for name in sorted(names)}
-    del fishers, anchors
+    terms = consolidated_terms(contributions)
     resolved: list = []
 
     def loss(model) -> Tensor:

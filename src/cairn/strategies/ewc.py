@@ -24,9 +24,13 @@ def run(model, stream, opts: EWCOptions, cfg: TrainConfig, work: Workspace) -> I
         model = work.train(model, task, cfg, extra_loss=loss, key=("ewc", [p.name for p in earlier], opts.model_dump()))
         folder = work.used[-1]
         if not (folder / FILE).is_file():  # the contributor ships its statistic while it holds its data
-            cfg_task = work.config_for(task, cfg)
-            fisher = diagonal_fisher(model, work.tokenizer, task.train, cfg_task.method, batch_size=opts.fisher_batch_size, max_length=cfg_task.max_length)
-            main_writes(lambda: save_fisher(fisher, folder, examples=len(task.train), batch_size=opts.fisher_batch_size))
+            own = work.config_for(task, cfg)
+
+            def ship() -> None:  # the main process computes and writes it; under a launch the others wait
+                fisher = diagonal_fisher(model, work.tokenizer, task.train, own.method, batch_size=opts.fisher_batch_size, max_length=own.max_length)
+                save_fisher(fisher, folder, examples=len(task.train), batch_size=opts.fisher_batch_size)
+
+            main_writes(ship)
         note_penalty(work)
         earlier.append(folder)
         yield model
