@@ -141,6 +141,12 @@ class LwFOptions(StrategyOptions):
     temperature: float = Field(2.0, gt=0, description="softmax temperature of both distributions (LwF's and TRACE's 2)")
 
 
+class OPCMOptions(StrategyOptions):
+    """OPCM (methods/opcm.py): per-task contributions from the base, merged continually by orthogonal projection."""
+
+    alpha: float = Field(0.5, ge=0, lt=1, description="share of the merge's singular values whose directions (the top-left block) a new task vector is projected out of, besides every (u_i, v_i) pair; FusionBench's default 0.5")
+
+
 @dataclass(frozen=True)
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
@@ -338,4 +344,5 @@ STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
     "ewc": EWCOptions,
     "magmax": MagMaxOptions,
     "lwf": LwFOptions,
+    "opcm": OPCMOptions,
 }

@@ -139,14 +139,14 @@ def test_olora_with_full_fine_tuning_is_refused_when_the_config_is_read_naming_t
 
 def test_each_strategy_declares_the_training_methods_it_trains_with():
     assert STRATEGY_OPTIONS["olora"].methods == ("lora",)
-    assert all(STRATEGY_OPTIONS[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe", "l2", "ewc", "magmax", "lwf"))
+    assert all(STRATEGY_OPTIONS[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe", "l2", "ewc", "magmax", "lwf", "opcm"))
     OLoRAOptions().check(TrainConfig(method="lora"))  # what it declares it runs
     with pytest.raises(ValueError, match="trains with method lora only"):
         OLoRAOptions().check(TrainConfig(method="fft"))
 
 
 def test_the_strategy_table_and_the_options_table_name_the_same_kinds():
-    assert list(STRATEGIES) == list(STRATEGY_OPTIONS) == ["sequential", "replay", "joint", "olora", "merge", "moe", "l2", "ewc", "magmax", "lwf"]
+    assert list(STRATEGIES) == list(STRATEGY_OPTIONS) == ["sequential", "replay", "joint", "olora", "merge", "moe", "l2", "ewc", "magmax", "lwf", "opcm"]
     assert all(callable(run) for run in STRATEGIES.values())
 
 
@@ -174,11 +174,12 @@ def test_a_strategys_options_remember_which_keys_the_config_set():
 
 def test_the_continual_learning_baselines_are_semi_collaborative_and_read_their_weight_as_lambda():
     strategies = [{"name": "e", "kind": "ewc", "lambda": 5, "fisher_batch_size": 2}, {"name": "l", "kind": "l2", "lambda": 0.01},
-                  {"name": "m", "kind": "magmax", "lambda": 0.5}, {"name": "w", "kind": "lwf", "lambda": 3, "temperature": 1}]  # fmt: skip
+                  {"name": "m", "kind": "magmax", "lambda": 0.5}, {"name": "w", "kind": "lwf", "lambda": 3, "temperature": 1},
+                  {"name": "o", "kind": "opcm", "alpha": 0.3}]  # fmt: skip
     cfg = parse_config({**QUICKSTART, "setting": "semi", "strategies": strategies})
-    ewc, l2, magmax, lwf = (s.typed_options() for s in cfg.strategies)
-    assert (ewc.lambda_, ewc.fisher_batch_size, l2.lambda_, magmax.lambda_, lwf.lambda_, lwf.temperature) == (5, 2, 0.01, 0.5, 3, 1)
-    assert not any(opts.reads_history() for opts in (ewc, l2, magmax, lwf))
+    ewc, l2, magmax, lwf, opcm = (s.typed_options() for s in cfg.strategies)
+    assert (ewc.lambda_, ewc.fisher_batch_size, l2.lambda_, magmax.lambda_, lwf.lambda_, lwf.temperature, opcm.alpha) == (5, 2, 0.01, 0.5, 3, 1, 0.3)
+    assert not any(opts.reads_history() for opts in (ewc, l2, magmax, lwf, opcm))
     with pytest.raises(ConfigError, match="lambda: Input should be greater than or equal to 0"):
         parse_config({**QUICKSTART, "strategies": [{"name": "e", "kind": "ewc", "lambda": -1}]})
 
