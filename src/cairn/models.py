@@ -120,9 +120,24 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     except (RuntimeError, ValueError) as exc:
         raise ModelError(f"{gguf}: cannot convert it to a Hugging Face model ({_first_line(exc)})") from exc
     with atomic_dir(out, keep_existing=True) as tmp:  # every rank of a launch may convert at once
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _write_cached(fresh, tokenizer, tmp)
     return out
+
+
+def _write_cached(model, tokenizer, folder: Path) -> None:
+    """Save a model the cache holds (config, weights as safetensors, tokenizer) whichever process
+    writes it. transformers' `save_pretrained` skips the weights on every rank but 0 once
+    torch.distributed is initialized, and any rank of a launch may be the one whose copy of the
+    cache lands first: a folder without weights would then be kept for every later run."""
+    from safetensors.torch import save_model
+
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it (the fingerprint reads the config)
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # a tied weight once, as transformers saves it
+    tokenizer.save_pretrained(folder)
 
 
 # What the gguf reader and transformers raise on a file that is not GGUF or is cut short.
@@ -224,8 +239,7 @@ def _tiny_random_folder() -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     with atomic_dir(out, keep_existing=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _write_cached(model, tokenizer, tmp)
     return out
 
 
