@@ -147,6 +147,16 @@ class OPCMOptions(StrategyOptions):
     alpha: float = Field(0.5, ge=0, lt=1, description="share of the merge's singular values whose directions (the top-left block) a new task vector is projected out of, besides every (u_i, v_i) pair; FusionBench's default 0.5")
 
 
+class OSFOptions(StrategyOptions):
+    """PEFT's OSF in its sequential recipe (strategies/osf.py): stage s keeps the top `effective_rank` + (s − 1)·`rank_step` (at most `max_rank`) share of each weight's singular directions frozen."""
+
+    methods: ClassVar[tuple[str, ...]] = ("fft",)
+
+    effective_rank: float = Field(0.3, gt=0, lt=1, description="share of each targeted weight's singular directions frozen at stage 1 (PEFT's effective_rank as a fraction)")
+    rank_step: float = Field(0.2, ge=0, lt=1, description="added to the frozen share at each later stage")
+    max_rank: float = Field(0.9, gt=0, lt=1, description="the largest frozen share (some directions must stay trainable)")
+
+
 @dataclass(frozen=True)
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
@@ -345,4 +355,5 @@ STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
     "magmax": MagMaxOptions,
     "lwf": LwFOptions,
     "opcm": OPCMOptions,
+    "osf": OSFOptions,
 }

@@ -138,7 +138,7 @@ def test_olora_with_full_fine_tuning_is_refused_when_the_config_is_read_naming_t
 
 
 def test_each_strategy_declares_the_training_methods_it_trains_with():
-    assert STRATEGY_OPTIONS["olora"].methods == ("lora",)
+    assert STRATEGY_OPTIONS["olora"].methods == ("lora",) and STRATEGY_OPTIONS["osf"].methods == ("fft",)
     assert all(STRATEGY_OPTIONS[k].methods == ("lora", "fft") for k in ("sequential", "replay", "joint", "merge", "moe", "l2", "ewc", "magmax", "lwf", "opcm"))
     OLoRAOptions().check(TrainConfig(method="lora"))  # what it declares it runs
     with pytest.raises(ValueError, match="trains with method lora only"):
@@ -146,7 +146,7 @@ def test_each_strategy_declares_the_training_methods_it_trains_with():
 
 
 def test_the_strategy_table_and_the_options_table_name_the_same_kinds():
-    assert list(STRATEGIES) == list(STRATEGY_OPTIONS) == ["sequential", "replay", "joint", "olora", "merge", "moe", "l2", "ewc", "magmax", "lwf", "opcm"]
+    assert list(STRATEGIES) == list(STRATEGY_OPTIONS) == ["sequential", "replay", "joint", "olora", "merge", "moe", "l2", "ewc", "magmax", "lwf", "opcm", "osf"]
     assert all(callable(run) for run in STRATEGIES.values())
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from cairn.options import STRATEGY_OPTIONS
-from cairn.strategies import ewc, joint, l2, lwf, magmax, merge, moe, olora, opcm, replay, sequential
+from cairn.strategies import ewc, joint, l2, lwf, magmax, merge, moe, olora, opcm, osf, replay, sequential
 
 # kind -> run(model, stream, opts, cfg, work), yielding the model of each stage. Each kind's
 # options, and what it declares it can run, are its `STRATEGY_OPTIONS` entry (importable without torch).
@@ -35,6 +35,7 @@ STRATEGIES: dict[str, Callable[..., Iterator]] = {
     "magmax": magmax.run,
     "lwf": lwf.run,
     "opcm": opcm.run,
+    "osf": osf.run,
 }
 if STRATEGIES.keys() != STRATEGY_OPTIONS.keys():
     raise ImportError(f"cairn.strategies.STRATEGIES {sorted(STRATEGIES)} and cairn.options.STRATEGY_OPTIONS {sorted(STRATEGY_OPTIONS)} must name the same kinds")
