@@ -110,8 +110,8 @@ def test_processes_that_accelerate_leaves_unjoined_stop_instead_of_all_writing(t
 @pytest.mark.parametrize(
     "kind, processes, batch_size, message",
     [
-        ("FSDP", 2, 16, "distributed_type FSDP shards the parameters, which Cairn does not support yet"),
-        ("DEEPSPEED", 2, 16, "distributed_type DEEPSPEED shards"),
+        ("DEEPSPEED", 2, 16, "distributed_type DEEPSPEED: Cairn's training loop does not drive a DeepSpeed engine"),
+        ("MEGATRON_LM", 2, 16, "distributed_type MEGATRON_LM is not supported"),
         ("MULTI_CPU", 4, 3, "batch_size 3 is the global batch, split between 4 processes: it must be at least 4"),
     ],
 )
@@ -128,3 +128,50 @@ def test_what_the_loop_cannot_do_distributed_is_refused_before_any_work(kind, pr
     with pytest.raises(ConfigError, match=message):
         _check_distribution(accelerator, TrainConfig(batch_size=batch_size))
     _check_distribution(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2), TrainConfig(batch_size=2))  # fine
+
+
+def test_which_launches_shard_with_fsdp2_and_which_are_refused(monkeypatch):
+    """FSDP2 on GPUs (accelerate's FSDP mode) and on CPU processes (accelerate's MULTI_CPU with the
+    config's FSDP settings); FSDP1 refused; a DeepSpeed config that accelerate ran as MULTI_CPU refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cairn.distributed import fsdp2_requested
+    from cairn.errors import ConfigError
+    from cairn.options import TrainConfig
+    from cairn.training import _check_distribution
+
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    gpu = lambda version: SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))  # noqa: E731
+    assert not fsdp2_requested(cpu)
+    assert fsdp2_requested(gpu(2))
+    with pytest.raises(ConfigError, match=r"fsdp_version 1; Cairn shards with FSDP2: set fsdp_config: \{fsdp_version: 2\}"):
+        fsdp2_requested(gpu(1))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp2_requested(cpu)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version 1"):
+        fsdp2_requested(cpu)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="use FSDP2, which shards the same three"):
+        _check_distribution(cpu, TrainConfig(batch_size=2))
+
+
+def test_a_zero3_launch_is_refused_with_what_it_needs_and_writes_nothing(tmp_path):
+    """configs/accelerate/zero3.yaml: accelerate reads it and refuses for want of the deepspeed
+    package; where the package is installed, Cairn refuses before any work and names FSDP2."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "zero3.yaml"
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(config)).deepspeed_config["zero_stage"] == 3
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "0",
+               "-m", "cairn.cli", "train", "--base", "tiny-random", "--task", "pack:people?facts=5", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "DeepSpeed is not installed" in done.stderr or "use FSDP2, which shards the same three" in done.stderr
+    assert not (tmp_path / "out").exists()
