@@ -83,6 +83,44 @@ def test_trace_config_reads_its_stream_from_data_dir(monkeypatch):
     assert len({s.kind for s in cfg.strategies}) == 6  # every strategy kind
 
 
+def test_a_stream_task_without_train_examples_is_refused_unless_it_trains_on_its_eval_split(tmp_path):
+    import json
+
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}", "split": split} for i in range(4) for split in ("eval", "test")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config({**QUICKSTART, "tasks": ["pack:people", str(tmp_path / "t.jsonl")]})
+    with pytest.raises(ConfigError, match=r"tasks\[1\] .*t.jsonl: no train examples .* or `train_on: eval`"):
+        cfg.load_tasks()
+    cfg = parse_config({**QUICKSTART, "tasks": ["pack:people", {"source": str(tmp_path / "t.jsonl"), "train_on": "eval"}]})
+    (_, task), _ = cfg.load_tasks()
+    assert [ex.prompt for ex in task.train] == ["q0", "q1", "q2", "q3"] and task.eval == [] and len(task.test) == 4  # no longer held out
+    with pytest.raises(ConfigError, match="train_on: eval is for a source without a train split, and this one has"):
+        parse_config({**QUICKSTART, "tasks": [{"source": "pack:people", "train_on": "eval"}]}).load_tasks()
+    with pytest.raises(ConfigError, match="train_on"):
+        parse_config({**QUICKSTART, "tasks": [{"source": "pack:people", "train_on": "test"}]})
+
+
+@pytest.mark.skipif(not TRACE.is_dir(), reason="../shared/data/trace-500 absent")
+def test_the_reference_studys_config_passes_run_check_offline(capsys):
+    """configs/reference-study.yaml: the study's stream in its order, its settings, every method of
+    both settings, a placeholder base that the check names as unread."""
+    from cairn.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "reference-study.yaml"
+    assert main(["run", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was trained" in out and "10 strategies x 6 stages" in out and "not checked" in out
+    cfg = load_config(config)
+    tasks, _ = cfg.load_tasks()
+    assert [t.name for t in tasks] == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "20Minuten"]
+    train = cfg.train_config(cfg.strategies[0], 0)
+    assert (train.lr, train.scheduler, train.batch_size, train.warmup_ratio) == (2e-5, "constant", 16, 0.0)
+    options = {s.name: s.options for s in cfg.strategies}
+    assert options["replay-fft"]["rate"] == options["replay-lora"]["rate"] == 0.1
+    for name, method in (("merge-ties", "ties"), ("merge-dare-ties", "dare_ties")):
+        assert (options[name]["method"], options[name]["density"], options[name]["combine"]) == (method, 0.2, "factors")
+
+
 def test_a_task_limit_keeps_a_seeded_sample_of_each_named_split_in_order(tmp_path):
     import json
 

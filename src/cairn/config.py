@@ -47,6 +47,9 @@ class TaskSpec(Strict):
     extract: Literal[EXTRACTIONS] | None = None  # type: ignore[valid-type]  # what of a generation the metric judges (docs/report.md); default: the task's own (full)
     chat_template: bool | None = None  # wrap prompts in the model's chat template; default: the experiment's
     limit: dict[Literal["train", "eval", "test"], Annotated[int, Field(ge=1)]] | None = None  # at most N examples of a split (a seeded sample)
+    # Train on the eval split, for a source that has none to train on (the public TRACE-500 copy's
+    # MeetingBank); the eval split is then no longer held out, so it is emptied: tuning has none to read.
+    train_on: Literal["eval"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +232,10 @@ class ExperimentConfig(Strict):
             if spec.limit or spec.extract:
                 raise ConfigError(f"{spec.source}: an lm-eval probe runs lm-eval's own task; it takes no {'limit' if spec.limit else 'extract'}")
             return task
+        if spec.train_on:
+            if task.train:
+                raise ConfigError(f"{where} {spec.source}: train_on: {spec.train_on} is for a source without a train split, and this one has {len(task.train)} train examples; drop train_on")
+            task.splits["train"], task.splits[spec.train_on] = task.splits.get(spec.train_on, []), []
         if spec.limit:
             task = task.limited(spec.limit)
         if spec.extract:
@@ -248,9 +255,14 @@ class ExperimentConfig(Strict):
         """(stream tasks, probe task or None), loaded from their sources; with `tokenizer`, the
         tasks that use a chat template get their prompts wrapped in it."""
         tasks = [self._load(t, tokenizer, f"tasks[{i}].source") for i, t in enumerate(self.tasks)]
-        for spec, task in zip(self.tasks, tasks):
+        for i, (spec, task) in enumerate(zip(self.tasks, tasks)):
             if not isinstance(task, Task):
                 raise ConfigError(f"tasks: {spec.source} is measured by lm-eval and has no training data; it can be the probe, not a task")
+            if not task.train:  # its stage would stop the run with nothing to train on
+                raise ConfigError(
+                    f"tasks[{i}] {spec.source}: no train examples (a stream task trains on its train split); give a source with one, "
+                    "or `train_on: eval` to train on its eval split"
+                )
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}; give duplicates a `name`")
