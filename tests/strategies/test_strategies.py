@@ -232,3 +232,13 @@ def test_replay_with_general_data_runs_end_to_end(tmp_path):
     results = cairn.run(config, tmp_path / "run", progress=False, log=lambda *_: None)
     stages = results["strategies"]["rg"]["stages"]
     assert [len(s["replayed_general"]["general"]) for s in stages] == [3, 3] and len(results["strategies"]["rg"]["R"]) == 3
+
+
+def test_the_continual_baselines_config_runs_every_new_kind_on_the_quickstart_stream_in_the_semi_setting():
+    from pathlib import Path
+
+    from cairn.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "continual-baselines.yaml")
+    assert cfg.setting == "semi" and [t.source for t in cfg.tasks] == QUICKSTART["tasks"] and len(cfg.seeds) == 3
+    assert {s.kind for s in cfg.strategies} == {"sequential", "l2", "ewc", "lwf", "magmax", "opcm", "osf"}
