@@ -9,11 +9,13 @@ LoRA the trained weights are the adapter's A and B, one adapter carried through 
 EasyCL's EWC over the `lora_` parameters).
 
 F_j,i is the empirical diagonal Fisher of stage j's contribution on its own training examples:
-the mean over batches of `batch_size` examples (default 1: per example, Kirkpatrick's estimate) of
-the squared gradient of the batch's answer loss (the training loss: mean cross-entropy over the
-answer tokens). TRACE squares the gradient of every training batch and divides by the number of
-batches, and EasyCL sums squared batch gradients over its first samples and divides by their count;
-both read the data, so does this, but only the contributor does: the Fisher is a statistic it
+the mean over batches of `batch_size` examples (default 1: per example) of the squared gradient of
+the batch's answer loss (the training loss: mean cross-entropy over the answer tokens), with the
+data's answers as labels (empirical, as TRACE and EasyCL; Kirkpatrick et al. draw the labels from
+the model). TRACE sums the squared gradients of every training step, all epochs, while the weights
+move, and divides by the batches of one epoch; EasyCL sums squared batch gradients of the trained
+model over its first 100 examples and divides by their count. Both read the data; so does this,
+but only the contributor does: the Fisher is a statistic it
 computes while it still holds its data and ships in its contribution folder, `fisher.safetensors`,
 beside the weights, under the same tensor names as the weights file (`adapter_model.safetensors` or
 `model.safetensors`) and with metadata `examples` and `batch_size`. A later stage's penalty is built
