@@ -175,6 +175,7 @@ def save_contribution(result: TrainResult, tokenizer, task, cfg: TrainConfig, ou
             "wall_s": round(result.wall_s, 3),
             "tokens_per_s": round(result.tokens_per_s, 1),
             "peak_mem_mb": round(result.peak_mem_mb, 1),
+            "state_mb": round(result.state_mb, 1),  # this process's share of weights, gradients and optimizer states (sharded: its shards)
             "trainable_params": result.trainable_params,
             "bf16": result.bf16,
             **({"extra_losses": result.extra_losses} if result.extra_losses else {}),  # a regulariser's share of each step's loss

@@ -60,6 +60,9 @@ class TrainResult:
     peak_mem_mb: float = 0.0
     trainable_params: int = 0
     bf16: bool = False
+    # This process's share of the training state, from its tensors after the first optimizer step:
+    # the trainable weights, their gradients and the optimizer's moments (the part FSDP2 shards).
+    state_mb: float = 0.0
 
 
 def lora_config(cfg: TrainConfig, model=None):
@@ -210,7 +213,7 @@ def _batches(loader, order: torch.Generator, epochs: int, resume: Resume | None)
             yield epoch, index, order_state, batch
 
 
-PROGRESS = ("steps", "tokens", "losses", "extra_losses", "wall_s", "peak_mem_mb")  # the TrainResult fields a checkpoint keeps
+PROGRESS = ("steps", "tokens", "losses", "extra_losses", "wall_s", "peak_mem_mb", "state_mb")  # the TrainResult fields a checkpoint keeps
 
 
 def _diverged(desc: str, loss: float, step: int, total: int, epoch: int, cfg: TrainConfig, checkpoints: Checkpoints | None) -> TrainingDiverged:
@@ -348,6 +351,7 @@ def train(
             result.tokens += int(batch["attention_mask"].sum())
             if step:
                 clipped_step(accelerator, optimizer, params, cfg.max_grad_norm, sharded=sharded)
+                result.state_mb = result.state_mb or _state_mb(params, optimizer)  # gradients and moments all allocated now
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.peak_mem_mb = max(result.peak_mem_mb, process.memory_info().rss / 2**20 - start_mb)
@@ -374,6 +378,18 @@ def train(
     model.eval()
     result.model = model  # trained in place (the DDP wrapper shares its parameters), or gathered into it
     return result
+
+
+def _state_mb(params: list[torch.Tensor], optimizer) -> float:
+    """MB of this process's trainable weights, gradients (as allocated: kept through the step) and
+    optimizer states: its shards of them under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    tensors = [*params, *(p.grad for p in params if p.grad is not None), *moments]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**20
 
 
 @contextmanager

@@ -69,6 +69,7 @@ def test_two_sharded_processes_follow_one_process_and_both_end_with_its_whole_mo
     for step, (a, b) in enumerate(zip(one["losses"], two["losses"]), 1):
         assert abs(a - b) <= tolerance * abs(a), f"step {step}: one process {a}, two sharded {b}"
     assert len(fingerprints(tmp_path / "two.json")) == 1  # both processes hold the same whole model
+    assert 0.45 * one["state_mb"] <= two["state_mb"] <= 0.55 * one["state_mb"]  # each holds half the weights, gradients and moments
     mine, theirs = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert mine.keys() == theirs.keys()
     if "bf16=false" in fields:

@@ -48,4 +48,4 @@ if is_main():
     if "weights" in script:
         save_file({n: p.detach().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}, script["weights"])
     with open(out, "w") as f:
-        json.dump({"processes": state.num_processes, "losses": result.losses, "tokens": result.tokens, "steps": result.steps}, f)
+        json.dump({"processes": state.num_processes, "losses": result.losses, "tokens": result.tokens, "steps": result.steps, "state_mb": result.state_mb}, f)
