@@ -56,6 +56,11 @@ def main_writes(write) -> None:
 # after loading one: saving, routing statistics, fingerprints and evaluation read it unchanged.
 
 
+def fsdp2_launch() -> bool:
+    """True in processes that `accelerate launch` started with an FSDP2 config (see `fsdp2_requested`)."""
+    return fsdp2_requested(_state())
+
+
 def fsdp2_requested(accelerator) -> bool:
     """True when `accelerate launch` was given an FSDP config. On GPUs accelerate reports it as
     distributed_type FSDP; on CPU processes (ACCELERATE_USE_CPU=1) it falls back to MULTI_CPU but
@@ -66,7 +71,8 @@ def fsdp2_requested(accelerator) -> bool:
 
     if accelerator.distributed_type == DistributedType.FSDP:
         version = accelerator.state.fsdp_plugin.fsdp_version
-    elif accelerator.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    elif accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        # MULTI_GPU: accelerate's PartialState (`fsdp2_launch`), which leaves FSDP to the Accelerator
         version = int(os.environ.get("FSDP_VERSION", "1"))
     else:
         return False
@@ -80,7 +86,8 @@ def shard(accelerator, module, optimizer):
     the launch's FSDP settings say (auto-wrap policy, resharding, offload): through
     `accelerator.prepare` where accelerate runs FSDP (GPUs), else through the very function that
     `prepare` calls, on the CPU mesh (accelerate's FSDP mode needs GPUs). `module` is sharded in
-    place; the optimizer is rebuilt over the sharded parameters by `optimizer(params)`."""
+    place. `optimizer(params)` builds the optimizer: on GPUs over the parameters before sharding
+    (`prepare` moves it onto the shards, as accelerate requires), on CPUs over the shards."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 

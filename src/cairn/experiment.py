@@ -20,7 +20,7 @@ from cairn.config import ExperimentConfig
 from cairn.data.batching import encode
 from cairn.data.loaders import load_train_split
 from cairn.data.task import Task
-from cairn.distributed import is_main
+from cairn.distributed import fsdp2_launch, is_main
 from cairn.errors import ConfigError, DataError, ModelError, TrainingDiverged
 from cairn.evaluation import EvalResult
 from cairn.evaluation.scores import summarize
@@ -169,6 +169,18 @@ def _check_general_data(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"strategy {spec.name!r}: general {general!r}, the source replayed as general data: {exc}") from None
 
 
+def _check_sharding(cfg: ExperimentConfig) -> None:
+    """Under an FSDP2 launch, refuse before any work the strategies whose training adds a loss term
+    over the whole model or adapter (FSDP2 gives each process a shard of it: `cairn.training`)."""
+    regularised = [s.name for s in cfg.strategies if type(s.typed_options()).regularised]
+    if regularised and fsdp2_launch():
+        raise ConfigError(
+            f"strategies {', '.join(regularised)} train with a loss term over the whole adapter or model, which FSDP2 shards "
+            "between the processes; run them in a launch with data parallelism (configs/accelerate/ddp.yaml), where a cached "
+            "run resumes, or leave them out of this one (docs/distributed.md)"
+        )
+
+
 def check_experiment(cfg: ExperimentConfig, out: Path | None = None, *, overwrite: bool = False) -> dict:
     """Everything a run of `cfg` reads before it trains, checked without loading a model: the base's
     spec (`check_base`), every task and probe source, task_train's task names, the strategies'
@@ -206,6 +218,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path | None = None, *, cache: Pat
     """
     out = Path(out or cfg.out_dir())
     main = is_main()
+    _check_sharding(cfg)
     tasks, probe = cfg.load_tasks()
     _check_general_data(cfg)
     names = [t.name for t in tasks]

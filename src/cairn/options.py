@@ -53,6 +53,7 @@ class StrategyOptions(Strict):
     checked against them when it is read, before any model is loaded."""
 
     methods: ClassVar[tuple[str, ...]] = TRAIN_METHODS  # the training methods (TrainConfig.method) it trains with
+    regularised: ClassVar[bool] = False  # it trains with an extra loss term over the whole model or adapter (not under FSDP2)
 
     def reads_history(self) -> bool:
         """True when the kind trains on earlier tasks' data (fully-collaborative only): it then
@@ -100,6 +101,7 @@ class JointOptions(StrategyOptions):
 
 class OLoRAOptions(StrategyOptions):
     methods: ClassVar[tuple[str, ...]] = ("lora",)
+    regularised: ClassVar[bool] = True
 
     lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term: the mean over modules of mean|A_new A_prevᵀ| (raw: the sum of sums)")
     raw: bool = Field(False, description="the study's unnormalised orthogonality term, Σ_modules sum|A_new A_prevᵀ|, whose scale grows with the model")
@@ -109,6 +111,8 @@ class OLoRAOptions(StrategyOptions):
 class L2Options(StrategyOptions):
     """L2-SP (methods/l2.py): sequential training with λ · Σ‖θ − θ_base‖² over the trained weights."""
 
+    regularised: ClassVar[bool] = True
+
     model_config = ConfigDict(populate_by_name=True)
 
     lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight of Σ‖θ − θ_base‖² (LoRA: Σ_modules ‖scale·B·A‖², the adapter being the whole delta); each stage records its ratio to the task loss")
@@ -117,6 +121,8 @@ class L2Options(StrategyOptions):
 class EWCOptions(StrategyOptions):
     """EWC (methods/ewc.py): sequential training with λ · Σ_j F_j (θ − θ*_j)², F_j the Fisher each
     earlier contributor ships with its contribution (semi-collaborative: no earlier data is read)."""
+
+    regularised: ClassVar[bool] = True
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -134,6 +140,8 @@ class MagMaxOptions(StrategyOptions):
 
 class LwFOptions(StrategyOptions):
     """LwF (methods/lwf.py): sequential training + λ · KL(previous model ‖ current) at temperature T on the current task's batches."""
+
+    regularised: ClassVar[bool] = True
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -153,6 +153,7 @@ def test_which_launches_shard_with_fsdp2_and_which_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert fsdp2_requested(cpu)
+    assert fsdp2_requested(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # accelerate's PartialState on GPUs
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="fsdp_version 1"):
         fsdp2_requested(cpu)
@@ -174,4 +175,17 @@ def test_a_zero3_launch_is_refused_with_what_it_needs_and_writes_nothing(tmp_pat
     done = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "DeepSpeed is not installed" in done.stderr or "use FSDP2, which shards the same three" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_with_regularised_strategies_is_refused_under_fsdp2_before_any_model_loads(monkeypatch, tmp_path):
+    import cairn.experiment as experiment
+    from cairn.config import parse_config
+    from cairn.errors import ConfigError
+
+    config = {"name": "x", "base": "no-such-base-is-read", "tasks": ["pack:people?facts=5"], "probe": None,
+              "strategies": [{"name": "seq", "kind": "sequential"}, {"name": "orth", "kind": "olora"}, {"name": "anchored", "kind": "l2"}]}  # fmt: skip
+    monkeypatch.setattr(experiment, "fsdp2_launch", lambda: True)
+    with pytest.raises(ConfigError, match=r"strategies orth, anchored train with a loss term .*\(configs/accelerate/ddp.yaml\)"):
+        experiment.run_experiment(parse_config(config), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
