@@ -79,6 +79,14 @@ def test_della_keeps_by_magnitude_rank_rescales_and_combines_as_its_formula(meth
     assert not np.allclose(out, merge_tensor(MergeOptions(method="task_arithmetic"), "p", base, ts, w))
 
 
+def test_della_of_a_float64_model_ranks_and_merges_in_float64():
+    base, ts = inputs(n=2, shape=(6, 10), seed=16)
+    base, ts = base.astype(np.float64), [t.astype(np.float64) + 1e-12 for t in ts]  # differences float32 cannot hold
+    out = merge_tensor(MergeOptions(method="della", density=0.5, seed=2), "w", base, ts, [1.0, 1.0])
+    assert out.dtype == np.float64
+    assert_allclose(out, della_oracle(base, ts, [1.0, 1.0], density=0.5, epsilon=0.15, lam=1.0, normalize=True, elect=True, seed=seed_for(2, "w")), rtol=1e-12, atol=1e-12)
+
+
 def test_della_keeps_the_density_on_average_more_of_the_large_entries_and_rescales_to_the_l1_norm():
     """The statistics mergekit's della_magprune has: kept fraction = density overall, density ∓
     epsilon at the two ends of each row's ranking, kept entries scaled by ‖τ‖₁ / ‖kept τ‖₁."""

@@ -195,26 +195,26 @@ def combine(out, base, thetas, weights, mode, thresholds, tie_cut, density, seed
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def della_prune(out, theta, base, cols, low, span, seed, i):
-    """DELLA's MagPrune of τ = θ − base, row by row (`cols` entries each, flat and contiguous):
-    the entry of rank q (0-based, ascending |τ|, ties to the lower index) in its row is kept with
-    probability low + span · q / (cols − 1) (low + span / 2 in a one-entry row), drawn from
-    (seed, input i, flat index). Writes the kept τ (else 0) to `out`; returns (Σ|τ|, Σ|kept τ|)
-    per row, in float64, for the L1 rescale."""
-    rows = base.size // cols
+def della_prune(out, tau, order, cols, low, span, seed, i):
+    """DELLA's MagPrune of the task vector `tau`, row by row (`cols` entries each, flat and
+    contiguous): `order` holds each row's sort keys (|τ|'s float32 bits << 32 | column, sorted
+    ascending, so ties go to the lower column), and the entry of rank q (0-based) in its row is
+    kept with probability low + span · q / (cols − 1) (low + span / 2 in a one-entry row), drawn
+    from (seed, input i, flat index). Writes the kept τ (else 0) to `out`; returns (Σ|τ|,
+    Σ|kept τ|) per row, in float64, for the L1 rescale."""
+    rows = tau.size // cols
     l1 = np.zeros((rows, 2))
+    mask = np.uint64(0xFFFFFFFF)
     for r in prange(rows):
         start = r * cols
-        d = theta[start:start + cols] - base[start:start + cols]
-        order = np.argsort(np.abs(d), kind="mergesort")
         before, after = 0.0, 0.0
         for q in range(cols):
-            c = order[q]
+            j = start + np.int64(order[start + q] & mask)
             p = low + span * 0.5 if cols == 1 else low + span * (np.float32(q) / np.float32(cols - 1))
-            keep = _uniform(seed, np.uint64(i), np.uint64(start + c)) < p
-            v = d[c] * np.float32(keep)
-            out[start + c] = v
-            before += abs(d[c])
+            keep = _uniform(seed, np.uint64(i), np.uint64(j)) < p
+            v = tau[j] * np.float32(keep)
+            out[j] = v
+            before += abs(tau[j])
             after += abs(v)
         l1[r, 0] = before
         l1[r, 1] = after
@@ -288,3 +288,35 @@ def sce_combine(out, thetas, base, var, threshold, cut, weights):
                 mixed += d * (weights[i] * agree)
                 divisor += weights[i] * agree
             out[j] = b + mixed / max(divisor, np.float32(1e-6))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def pair_sums(theta0, theta1, base, cols):
+    """Per group of `cols` consecutive entries (the last may be shorter): (Σ τ₀², Σ τ₁², Σ τ₀τ₁)
+    in float64, τᵢ = θᵢ − base in the working precision."""
+    n = base.size
+    groups = (n + cols - 1) // cols
+    sums = np.zeros((groups, 3))
+    for g in prange(groups):
+        a, b, c = 0.0, 0.0, 0.0
+        for j in range(g * cols, min(n, (g + 1) * cols)):
+            x = np.float64(theta0[j] - base[j])
+            y = np.float64(theta1[j] - base[j])
+            a += x * x
+            b += y * y
+            c += x * y
+        sums[g, 0] = a
+        sums[g, 1] = b
+        sums[g, 2] = c
+    return sums
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def interpolate(out, theta0, theta1, base, s0, s1, cols):
+    """out[j] = base[j] + (s0[g] τ₀[j] + s1[g] τ₁[j]), g = j // cols, in the working precision."""
+    n = base.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            g = j // cols
+            b = base[j]
+            out[j] = b + (s0[g] * (theta0[j] - b) + s1[g] * (theta1[j] - b))
