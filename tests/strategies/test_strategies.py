@@ -242,3 +242,24 @@ def test_the_continual_baselines_config_runs_every_new_kind_on_the_quickstart_st
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "continual-baselines.yaml")
     assert cfg.setting == "semi" and [t.source for t in cfg.tasks] == QUICKSTART["tasks"] and len(cfg.seeds) == 3
     assert {s.kind for s in cfg.strategies} == {"sequential", "l2", "ewc", "lwf", "magmax", "opcm", "osf"}
+
+
+@pytest.mark.parametrize("kind", ["l2", "ewc", "lwf", "magmax", "opcm", "osf"])
+def test_each_new_kind_trains_two_stages_under_bf16_autocast_as_real_runs_do(kind, tiny, tmp_path):
+    """Real runs train in bf16 where the machine has it (frozen weights cast, fused LoRA layer on);
+    the regularisers and merges must go through that path too."""
+    import copy
+
+    from cairn.workspace import Workspace
+
+    model, tokenizer = tiny
+    cfg = TrainConfig(method="fft" if kind == "osf" else "lora", epochs=1, lr=1e-3, batch_size=4, lora_r=4, bf16=True)
+    work = Workspace(tmp_path, "tiny-random", tokenizer, progress=False)
+    stages = [task(f"t{i}", 8) for i in range(2)]
+    notes = []
+    for _ in STRATEGIES[kind](copy.deepcopy(model), iter(stages), STRATEGY_OPTIONS[kind](), cfg, work):
+        notes.append(dict(work.notes))
+        work.notes.clear()
+    assert len(notes) == 2
+    if kind in ("l2", "ewc", "lwf"):
+        assert notes[1]["penalty_ratio"]["last"] > 0
