@@ -192,6 +192,9 @@ class ExperimentConfig(Strict):
                     f"strategy {s.name!r} (kind {s.kind}) trains on earlier tasks' data, which the semi setting "
                     "does not keep; use setting: full, or a semi-collaborative strategy"
                 )
+            if self.chat_template and getattr(opts, "general", None) and s.kind == "replay" and not opts.general_chat_template:
+                raise ValueError(f"strategy {s.name!r} (kind replay) replays general data whose prompts would not be in the chat template the tasks use "
+                                 "(chat_template: true); set general_chat_template: true")  # fmt: skip
             try:
                 opts.check(train)  # what the kind declares it can run, before any model is loaded
             except ValueError as exc:

@@ -81,11 +81,13 @@ class ReplayOptions(StrategyOptions):
     rate: float = Field(0.1, ge=0, le=10, description="examples replayed from each earlier task, as a fraction of the current task (0: sequential training, the control)")
     general: str | None = Field(None, description="a task source replayed at every stage as general data, beside the earlier tasks (TRACE replays Lima); only its train split is read")
     general_rate: float = Field(0.1, ge=0, le=10, description="examples replayed from `general` at each stage, as a fraction of the current task")
+    general_chat_template: bool = Field(False, description="wrap the general data's prompts in the model's chat template (required where the experiment's chat_template is on)")
 
     @model_validator(mode="after")
-    def _general_rate_needs_general(self, info: ValidationInfo):
-        if "general_rate" in given(self, info) and self.general is None:
-            raise ValueError("general_rate applies only with general: SOURCE, the task source replayed as general data; set general or drop general_rate")
+    def _general_keys_need_general(self, info: ValidationInfo):
+        unused = [k for k in given(self, info) if k in ("general_rate", "general_chat_template")]
+        if unused and self.general is None:
+            raise ValueError(f"{', '.join(unused)} applies only with general: SOURCE, the task source replayed as general data; set general or drop {', '.join(unused)}")
         return self
 
     def reads_history(self) -> bool:

@@ -204,6 +204,8 @@ def test_general_rate_without_general_and_a_general_source_that_cannot_be_read_a
 
     with pytest.raises(ConfigError, match="general_rate applies only with general: SOURCE"):
         parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "general_rate": 0.2}]})
+    with pytest.raises(ConfigError, match="general_chat_template applies only with general: SOURCE"):
+        parse_config({**QUICKSTART, "strategies": [{"name": "r", "kind": "replay", "general_chat_template": True}]})
     cfg = parse_config({**QUICKSTART, "probe": None, "strategies": [{"name": "r", "kind": "replay", "general": str(tmp_path / "nowhere")}]})
     with pytest.raises(ConfigError, match=r"strategy 'r': general '.*nowhere', the source replayed as general data: task source not found"):
         check_experiment(cfg)
@@ -263,3 +265,21 @@ def test_each_new_kind_trains_two_stages_under_bf16_autocast_as_real_runs_do(kin
     assert len(notes) == 2
     if kind in ("l2", "ewc", "lwf"):
         assert notes[1]["penalty_ratio"]["last"] > 0
+
+
+def test_general_data_takes_the_chat_template_the_tasks_use(tmp_path, tiny):
+    import json
+
+    from cairn.data.chat import chat_prompt
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"prompt": f"g{i}", "answer": f"g{i}"}) + "\n" for i in range(4)))
+    replay = {"name": "r", "kind": "replay", "general": str(general), "general_rate": 1.0}
+    with pytest.raises(ConfigError, match=r"strategy 'r' \(kind replay\) replays general data whose prompts would not be in the chat template the tasks use"):
+        parse_config({**QUICKSTART, "chat_template": True, "strategies": [replay]})
+    cfg = parse_config({**QUICKSTART, "chat_template": True, "strategies": [{**replay, "general_chat_template": True}]})
+    work = FakeWork()
+    work.tokenizer = tiny[1]
+    list(STRATEGIES["replay"](FakeModel(), iter([(task("a", 4), [])]), cfg.strategies[0].typed_options(), TrainConfig(), work))
+    prompts = {ex.prompt for ex in work.trained[0].train if ex.answer.startswith("g")}
+    assert prompts and prompts <= {chat_prompt(tiny[1], f"g{i}") for i in range(4)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from cairn.data.chat import as_chat
 from cairn.data.loaders import load_train_split
 from cairn.data.task import Task
 from cairn.methods.replay import replay_sample
@@ -16,9 +17,12 @@ from cairn.workspace import Workspace
 def run(model, stream, opts: ReplayOptions, cfg: TrainConfig, work: Workspace) -> Iterator:
     """Sequential training on task s plus `rate` x |task s| examples drawn from each earlier task
     (seeded); with `general`, also `general_rate` x |task s| examples of that source's train split
-    at every stage (seeded; recorded as `replayed_general`). LoRA adapters are merged after each
+    at every stage (seeded; recorded as `replayed_general`; `general_chat_template`: its prompts in the
+    model's chat template). LoRA adapters are merged after each
     stage as in `sequential`."""
     general = load_train_split(opts.general, seed=cfg.seed) if opts.general else None
+    if general is not None and opts.general_chat_template:
+        general = as_chat(general, work.tokenizer)
     for s, (task, earlier) in enumerate(stream, 1):
         k = round(opts.rate * len(task.train))
         mixed, drawn = list(task.train), {}
