@@ -129,6 +129,16 @@ class AnswerLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    # What accelerate's FSDP2 preparation reads of the module it shards: the layer classes that
+    # become one shard group each (else the whole model is one group, gathered whole at every
+    # forward), and how to re-tie the output layer to the embeddings after it moves the weights.
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return list(getattr(causal_lm_of(self.model), "_no_split_modules", None) or [])
+
+    def tie_weights(self, *args, **kwargs):
+        return causal_lm_of(self.model).tie_weights(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, labels):
         causal_lm = causal_lm_of(self.model)
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

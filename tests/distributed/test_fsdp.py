@@ -63,6 +63,7 @@ def test_two_sharded_processes_follow_one_process_and_both_end_with_its_whole_mo
     one = train_script(tmp_path / "one.json", 1, [*fields, f"weights={tmp_path / 'one.safetensors'}"])
     two = train_script(tmp_path / "two.json", 2, [*fields, f"weights={tmp_path / 'two.safetensors'}"])
     assert (one["processes"], two["processes"]) == (1, 2)
+    assert (one["fsdp_groups"], two["fsdp_groups"]) == ([], [3])  # one group per decoder layer of tiny-random's 2, and the root's
     assert two["steps"] == one["steps"] and two["tokens"] == one["tokens"]
     assert one["losses"][-1] < one["losses"][0] - 0.1  # it trains: the curves are worth comparing
     tolerance = TOLERANCE["bf16=true" in fields]
