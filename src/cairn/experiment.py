@@ -170,14 +170,15 @@ def _check_general_data(cfg: ExperimentConfig) -> None:
 
 
 def _check_sharding(cfg: ExperimentConfig) -> None:
-    """Under an FSDP2 launch, refuse before any work the strategies whose training adds a loss term
-    over the whole model or adapter (FSDP2 gives each process a shard of it: `cairn.training`)."""
-    regularised = [s.name for s in cfg.strategies if type(s.typed_options()).regularised]
-    if regularised and fsdp2_launch():
+    """Under an FSDP2 launch, refuse before any work the strategies whose training reads whole
+    weight matrices (a loss term over the whole adapter or model, OSF's gradient projection), which
+    FSDP2 splits between the processes."""
+    whole = [s.name for s in cfg.strategies if type(s.typed_options()).whole_weights]
+    if whole and fsdp2_launch():
         raise ConfigError(
-            f"strategies {', '.join(regularised)} train with a loss term over the whole adapter or model, which FSDP2 shards "
-            "between the processes; run them in a launch with data parallelism (configs/accelerate/ddp.yaml), where a cached "
-            "run resumes, or leave them out of this one (docs/distributed.md)"
+            f"strategies {', '.join(whole)} train with a loss term or a gradient projection over whole weight matrices, which "
+            "FSDP2 shards between the processes; run them in a launch with data parallelism (configs/accelerate/ddp.yaml), where "
+            "a cached run resumes, or leave them out of this one (docs/distributed.md)"
         )
 
 

@@ -53,7 +53,9 @@ class StrategyOptions(Strict):
     checked against them when it is read, before any model is loaded."""
 
     methods: ClassVar[tuple[str, ...]] = TRAIN_METHODS  # the training methods (TrainConfig.method) it trains with
-    regularised: ClassVar[bool] = False  # it trains with an extra loss term over the whole model or adapter (not under FSDP2)
+    # It trains with a loss term or a gradient projection over whole weight matrices, which FSDP2
+    # splits between processes: refused under an FSDP2 launch (cairn.experiment).
+    whole_weights: ClassVar[bool] = False
 
     def reads_history(self) -> bool:
         """True when the kind trains on earlier tasks' data (fully-collaborative only): it then
@@ -103,7 +105,7 @@ class JointOptions(StrategyOptions):
 
 class OLoRAOptions(StrategyOptions):
     methods: ClassVar[tuple[str, ...]] = ("lora",)
-    regularised: ClassVar[bool] = True
+    whole_weights: ClassVar[bool] = True
 
     lambda1: float = Field(0.1, ge=0, description="weight of the orthogonality term: the mean over modules of mean|A_new A_prevᵀ| (raw: the sum of sums)")
     raw: bool = Field(False, description="the study's unnormalised orthogonality term, Σ_modules sum|A_new A_prevᵀ|, whose scale grows with the model")
@@ -113,7 +115,7 @@ class OLoRAOptions(StrategyOptions):
 class L2Options(StrategyOptions):
     """L2-SP (methods/l2.py): sequential training with λ · Σ‖θ − θ_base‖² over the trained weights."""
 
-    regularised: ClassVar[bool] = True
+    whole_weights: ClassVar[bool] = True
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -124,7 +126,7 @@ class EWCOptions(StrategyOptions):
     """EWC (methods/ewc.py): sequential training with λ · Σ_j F_j (θ − θ*_j)², F_j the Fisher each
     earlier contributor ships with its contribution (semi-collaborative: no earlier data is read)."""
 
-    regularised: ClassVar[bool] = True
+    whole_weights: ClassVar[bool] = True
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -143,7 +145,7 @@ class MagMaxOptions(StrategyOptions):
 class LwFOptions(StrategyOptions):
     """LwF (methods/lwf.py): sequential training + λ · KL(previous model ‖ current) at temperature T on the current task's batches."""
 
-    regularised: ClassVar[bool] = True
+    whole_weights: ClassVar[bool] = True
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -161,6 +163,7 @@ class OSFOptions(StrategyOptions):
     """PEFT's OSF in its sequential recipe (strategies/osf.py): stage s keeps the top `effective_rank` + (s − 1)·`rank_step` (at most `max_rank`) share of each weight's singular directions frozen."""
 
     methods: ClassVar[tuple[str, ...]] = ("fft",)
+    whole_weights: ClassVar[bool] = True
 
     effective_rank: float = Field(0.3, gt=0, lt=1, description="share of each targeted weight's singular directions frozen at stage 1 (PEFT's effective_rank as a fraction)")
     rank_step: float = Field(0.2, ge=0, lt=1, description="added to the frozen share at each later stage")

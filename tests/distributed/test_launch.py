@@ -178,14 +178,15 @@ def test_a_zero3_launch_is_refused_with_what_it_needs_and_writes_nothing(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_with_regularised_strategies_is_refused_under_fsdp2_before_any_model_loads(monkeypatch, tmp_path):
+def test_a_run_with_strategies_that_read_whole_weights_is_refused_under_fsdp2_before_any_model_loads(monkeypatch, tmp_path):
     import cairn.experiment as experiment
     from cairn.config import parse_config
     from cairn.errors import ConfigError
 
     config = {"name": "x", "base": "no-such-base-is-read", "tasks": ["pack:people?facts=5"], "probe": None,
-              "strategies": [{"name": "seq", "kind": "sequential"}, {"name": "orth", "kind": "olora"}, {"name": "anchored", "kind": "l2"}]}  # fmt: skip
+              "strategies": [{"name": "seq", "kind": "sequential"}, {"name": "orth", "kind": "olora"}, {"name": "anchored", "kind": "l2"},
+                             {"name": "kept", "kind": "osf", "train": {"method": "fft"}}, {"name": "mm", "kind": "magmax"}]}  # fmt: skip
     monkeypatch.setattr(experiment, "fsdp2_launch", lambda: True)
-    with pytest.raises(ConfigError, match=r"strategies orth, anchored train with a loss term .*\(configs/accelerate/ddp.yaml\)"):
+    with pytest.raises(ConfigError, match=r"strategies orth, anchored, kept train with a loss term or a gradient projection .*\(configs/accelerate/ddp.yaml\)"):
         experiment.run_experiment(parse_config(config), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
