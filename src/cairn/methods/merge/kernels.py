@@ -320,3 +320,34 @@ def interpolate(out, theta0, theta1, base, s0, s1, cols):
             g = j // cols
             b = base[j]
             out[j] = b + (s0[g] * (theta0[j] - b) + s1[g] * (theta1[j] - b))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def gram(thetas):
+    """G[i, k] = Σⱼ θᵢ[j] θₖ[j], summed in float64 (per block, then over blocks)."""
+    n, count = thetas[0].size, len(thetas)
+    blocks = (n + BLOCK - 1) // BLOCK
+    partial = np.zeros((blocks, count, count))
+    for blk in prange(blocks):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            for i in range(count):
+                x = np.float64(thetas[i][j])
+                for k in range(i + 1):
+                    partial[blk, i, k] += x * np.float64(thetas[k][j])
+    g = partial.sum(axis=0)
+    for i in range(count):
+        for k in range(i):
+            g[k, i] = g[i, k]
+    return g
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def weighted_sum(out, thetas, coefs):
+    """out[j] = Σᵢ coefs[i] θᵢ[j], summed in float64, rounded to `out`'s dtype."""
+    n, count = out.size, len(thetas)
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            total = 0.0
+            for i in range(count):
+                total += coefs[i] * np.float64(thetas[i][j])
+            out[j] = total

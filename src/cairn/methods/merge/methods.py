@@ -377,14 +377,11 @@ def karcher(base, tensors, weights, *, max_iter: int = 10, tol: float = 1e-5, **
     count = len(xs)
     if count == 1:
         return xs[0].copy().reshape(np.shape(base))
-    gram = np.zeros((count, count))
-    for c0 in range(0, xs[0].size, _BLOCK):
-        block = np.stack([x[c0:c0 + _BLOCK] for x in xs]).astype(np.float64)
-        gram += block @ block.T
+    gram = K.gram(tuple(xs))
     norms = np.sqrt(np.diag(gram))
     alpha = 1.0 / count
     valid = [i for i in range(count) if norms[i] > tol]
-    out = np.zeros(xs[0].size, work)
+    coefs = np.zeros(count)
     if valid:
         g = gram[np.ix_(valid, valid)] / np.outer(norms[valid], norms[valid])  # the unit vectors' Gram matrix
         a = np.full(len(valid), 1.0 / len(valid))
@@ -407,8 +404,9 @@ def karcher(base, tensors, weights, *, max_iter: int = 10, tol: float = 1e-5, **
             if length > tol:
                 c = c / length
         scale = alpha * norms.sum()
-        for j, i in enumerate(valid):
-            out += work(scale * c[j] / norms[i]) * xs[i]
+        coefs[valid] = scale * c / norms[valid]
+    out = np.empty(xs[0].size, work)
+    K.weighted_sum(out, tuple(xs), coefs)  # (Σ ‖θᵢ‖ / N) u, u = Σ cᵢ θᵢ / ‖θᵢ‖: one pass
     return out.reshape(np.shape(base))
 
 
