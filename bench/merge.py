@@ -70,19 +70,21 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss, file=sys.stderr)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def measure(cmd: list[str], env=None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a command run as a child process."""
+def measure(cmd: list[str], env=None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GB, CPU seconds: user + system) of a command run as a child
+    process. On a machine other jobs share, CPU time varies less than wall time."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return wall, int(proc.stderr.strip().splitlines()[-1]) / 2**20
+    rss, cpu = proc.stderr.strip().splitlines()[-1].split()
+    return wall, int(rss) / 2**20, float(cpu)
 
 
 def sce_ties(base: np.ndarray, thetas: list[np.ndarray], select_topk: float) -> np.ndarray:
@@ -235,11 +237,11 @@ def main() -> None:
         ca = measure([cairn, "merge", *given, "--out", str(c_out)], env)
         if method in SEEDED:
             print(f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | cairn {ca[0]:5.1f} s {ca[1]:5.2f} GB | "
-                  f"{mk[0] / ca[0]:5.1f}x faster, {ca[1] / mk[1]:.2f}x memory | seeded: statistics below", flush=True)
+                  f"{mk[0] / ca[0]:5.1f}x faster ({mk[2] / ca[2]:.1f}x less CPU time), {ca[1] / mk[1]:.2f}x memory | seeded: statistics below", flush=True)
             continue
         worst, frac, unexplained = compare(mk_out, c_out, (base, fts, 0.5) if method == "ties" else None, (base, fts, 0.5) if method == "sce" else None)
         print(f"{method:16s} mergekit {mk[0]:6.1f} s {mk[1]:5.2f} GB | cairn {ca[0]:5.1f} s {ca[1]:5.2f} GB | "
-              f"{mk[0] / ca[0]:5.1f}x faster, {ca[1] / mk[1]:.2f}x memory | max |diff| {worst:.2e}, {frac:.2e} of entries > 1e-6"
+              f"{mk[0] / ca[0]:5.1f}x faster ({mk[2] / ca[2]:.1f}x less CPU time), {ca[1] / mk[1]:.2f}x memory | max |diff| {worst:.2e}, {frac:.2e} of entries > 1e-6"
               + (f", {unexplained} not at a threshold tie" if method in ("ties", "sce") else ""), flush=True)
         if method == "karcher":
             cairn_err, mk_err = karcher_against_float64(mk_out, c_out, [*fts, base])
