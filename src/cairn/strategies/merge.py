@@ -28,6 +28,11 @@ from cairn.weights.adapters import read_lora
 from cairn.workspace import Workspace
 
 
+# Methods that merge two inputs or more (as mergekit's): at stage 1 the merge of the one
+# contribution is that contribution (its average), so that a stream's first stage has a model.
+PAIRS = ("model_stock", "nuslerp")
+
+
 def run(model, stream, opts: MergeOptions, cfg: TrainConfig, work: Workspace) -> Iterator:
     base_dir = resolve_folder(work.base)
     made_from = {"base": work.base, "base_fingerprint": fingerprint(model)}
@@ -39,7 +44,10 @@ def run(model, stream, opts: MergeOptions, cfg: TrainConfig, work: Workspace) ->
             work.note(interference=interference([read_lora(c) for c in contributions]))
         out = work.folder("merges", [c.name for c in contributions], opts.model_dump())
         # The check is the main process's too: another one could see the merge half-written.
-        main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, opts, progress=work.progress, made_from=made_from))
+        stage_opts = MergeOptions(method="average") if len(contributions) == 1 and opts.method in PAIRS else opts
+        if stage_opts is not opts:
+            work.note(merged_as="average: one contribution")
+        main_writes(lambda: read_manifest(out) is not None or merge_models(base_dir, contributions, out, stage_opts, progress=work.progress, made_from=made_from))
         if opts.combine == "factors":
             merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
         else:

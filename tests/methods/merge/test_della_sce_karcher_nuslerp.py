@@ -471,3 +471,28 @@ def test_cli_merge_runs_a_mergekit_karcher_config_with_the_base_model_among_its_
     got, base, a, b = state(tmp_path / "k"), state(base_dir), state(fulls[0]), state(fulls[1])
     name = "model.layers.0.self_attn.q_proj.weight"
     assert_allclose(got[name], karcher_oracle([a[name], b[name], base[name]]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_merge_strategy_runs_the_new_methods_over_a_two_task_stream_and_a_pair_method_starts_from_the_one_contribution(tmp_path, monkeypatch):
+    import json
+
+    import cairn.strategies.merge as strategy
+    from cairn.config import parse_config
+    from cairn.experiment import run_experiment
+    from conftest import code_tasks
+
+    seen = []
+    real = strategy.merge_models
+    monkeypatch.setattr(strategy, "merge_models", lambda base, inputs, out, opts, **kw: seen.append((opts.method, len(inputs))) or real(base, inputs, out, opts, **kw))
+    cfg = parse_config({
+        "name": "m", "base": "tiny-random", "tasks": code_tasks(tmp_path), "probe": None, "setting": "semi",
+        "train": {"method": "lora", "epochs": 1, "batch_size": 4, "lr": 1e-2},
+        "strategies": [{"name": "della", "kind": "merge", "method": "della", "density": 0.5, "epsilon": 0.1, "seed": 2},
+                       {"name": "sce", "kind": "merge", "method": "sce", "select_topk": 0.5},
+                       {"name": "karcher", "kind": "merge", "method": "karcher", "max_iter": 5},
+                       {"name": "nuslerp", "kind": "merge", "method": "nuslerp"}],
+    })  # fmt: skip
+    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert sorted(seen) == sorted([("della", 1), ("della", 2), ("sce", 1), ("sce", 2), ("karcher", 1), ("karcher", 2), ("average", 1), ("nuslerp", 2)])
+    first, second = (json.loads((tmp_path / "run" / "seeds" / "0" / "nuslerp" / f"stage-{s}.json").read_text()) for s in (1, 2))
+    assert first["merged_as"] == "average: one contribution" and "merged_as" not in second
