@@ -133,7 +133,7 @@ def checkpointing_every_step(monkeypatch, extra_losses: dict) -> None:
     def patched(*args, **kwargs):
         started.append(1)
         extra = extra_losses.get(len(started))
-        return train(*args, **kwargs, checkpoint_every=1, **({"extra_loss": extra} if extra else {}))
+        return train(*args, **{**kwargs, "checkpoint_every": 1, **({"extra_loss": extra} if extra else {})})
 
     monkeypatch.setattr(workspace, "train", patched)
 
