@@ -77,9 +77,10 @@ def test_two_sharded_processes_follow_one_process_and_both_end_with_its_whole_mo
         assert max(float((mine[k] - theirs[k]).abs().max()) for k in mine) <= WEIGHTS_ATOL
 
 
-@pytest.mark.parametrize("method, lr", [("lora", 0.01), ("fft", 0.001)])
-def test_a_sharded_training_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path, method, lr):
-    fields = [f"method={method}", f"lr={lr}", "bf16=false", "batch_size=3", "epochs=2", "checkpoint_every=3"]
+def test_a_sharded_training_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    """LoRA: the shards hold the trainable part only (the frozen base is not checkpointed). FFT
+    resumes the same way (measured: equal losses and weights); it is left out for the suite's time."""
+    fields = ["method=lora", "lr=0.01", "bf16=false", "batch_size=3", "epochs=2", "checkpoint_every=3"]
     whole = train_script(tmp_path / "whole.json", 2, [*fields, f"checkpoint_dir={tmp_path / 'a'}", f"weights={tmp_path / 'whole.safetensors'}"])
     train_script(tmp_path / "stopped.json", 2, [*fields, f"checkpoint_dir={tmp_path / 'b'}", "stop_after_checkpoints=2"], expect=1)
     checkpoint = tmp_path / "b" / "step-00000006"
@@ -136,28 +137,37 @@ def test_cairn_run_under_fsdp2_evaluates_the_gathered_models_as_one_process_does
         assert two["strategies"][name]["cost"]["tokens"] == one["strategies"][name]["cost"]["tokens"]
 
 
-def test_a_regularised_training_is_refused_under_fsdp2_before_any_step(tmp_path):
+def test_a_regularised_training_is_refused_under_fsdp2_before_any_step(monkeypatch):
     """O-LoRA's penalty reads whole adapter matrices: sharded, it is refused with what to use instead."""
-    script = tmp_path / "olora.py"
-    script.write_text(
-        "import torch\n"
-        "from cairn.data import Example\nfrom cairn.models import load_model\nfrom cairn.options import TrainConfig\nfrom cairn.training import train\n"
-        "model, tok = load_model('tiny-random')\n"
-        "train(model, tok, [Example('q', 'a')] * 4, TrainConfig(batch_size=2), extra_loss=lambda m: torch.zeros(()), progress=False, desc='olora on t')\n"
-    )
-    done = subprocess.run(launched(str(script)), env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "olora on t: a regularised training" in done.stderr and "distributed_type: MULTI_GPU" in done.stderr
+    import torch
+
+    from cairn import training
+    from cairn.data import Example
+    from cairn.errors import ConfigError
+    from cairn.models import load_model
+    from cairn.options import TrainConfig
+
+    monkeypatch.setattr(training, "fsdp2_requested", lambda accelerator: True)
+    model, tokenizer = load_model("tiny-random")
+    steps = []
+    with pytest.raises(ConfigError, match=r"olora on t: a regularised training .*distributed_type: MULTI_GPU"):
+        training.train(model, tokenizer, [Example("q", "a")] * 4, TrainConfig(batch_size=2), extra_loss=lambda m: steps.append(1) or torch.zeros(()), progress=False, desc="olora on t")
+    assert steps == []
 
 
 def test_every_process_of_a_launch_filling_the_model_cache_leaves_whole_weights(tmp_path):
     """transformers saves weights on rank 0 only once torch.distributed is up; whichever process's
     copy of the tiny-random cache lands, it has its weights."""
+    from cairn.models import ModelSpec, resolve_folder
+
+    bundled = resolve_folder(ModelSpec("bundled", "smollm2-135m"))  # its tokenizer builds tiny-random; linked, not converted again
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / Path(bundled).name).symlink_to(bundled)
     script = tmp_path / "load.py"
     script.write_text("from accelerate import PartialState\nPartialState()\nfrom cairn.models import load_model, fingerprint\nprint(fingerprint(load_model('tiny-random')[0]))\n")
     done = subprocess.run(launched(str(script)), env=env(CAIRN_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "cache" / "models"
-    (cached,) = [p for p in folder.iterdir() if p.name.startswith("tiny-random")]
+    (cached,) = [p for p in folder.iterdir() if p.name.startswith("tiny-random") and not p.name.startswith(".")]
     assert (cached / "model.safetensors").is_file() and (cached / "config.json").is_file()
     assert len(set(done.stdout.split())) == 1  # both processes loaded the same model
