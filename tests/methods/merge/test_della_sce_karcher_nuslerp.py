@@ -14,6 +14,7 @@ from cairn.methods.merge.methods import merge_tensor, seed_for
 from cairn.methods.merge.streaming import merge_models
 from cairn.options import MergeOptions
 from conftest import MADE_FROM
+from tests.methods.merge.test_methods import folders, state  # noqa: F401  (the fixture and reader the other merge tests use)
 
 
 def inputs(n=3, shape=(6, 5), seed=0, scale=0.1):
@@ -386,36 +387,6 @@ def test_mergekit_configs_the_new_methods_cannot_take_are_refused_by_name(config
 
 
 # ---- adapters, streaming, the CLI -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny):
-    """The tiny-random base folder, two LoRA adapters of it, and the full models they stand for."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from cairn.models import resolve_folder
-
-    root = tmp_path_factory.mktemp("merge-new")
-    base_dir = resolve_folder("tiny-random")
-    adapters, fulls = [], []
-    for i in range(2):
-        torch.manual_seed(10 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-        model.save_pretrained(root / f"adapter{i}")
-        model.merge_and_unload().save_pretrained(root / f"full{i}")
-        fulls.append(root / f"full{i}")
-        adapters.append(root / f"adapter{i}")
-    return base_dir, adapters, fulls
-
-
-def state(folder):
-    from safetensors.numpy import load_file
-
-    return load_file(f"{folder}/model.safetensors")
 
 
 @pytest.mark.parametrize("extra", [{"method": "della", "density": 0.5, "seed": 3}, {"method": "della_linear", "density": 0.6, "epsilon": 0.3},
