@@ -294,3 +294,26 @@ def test_cli_eval_of_a_bad_model_exits_5_with_one_error_line(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert rc == 5 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("cairn eval: error: ") and message in err and str(folder) in err
+
+
+def test_a_cached_model_is_written_as_save_pretrained_writes_it(tmp_path, monkeypatch, tiny):
+    """The cache's folders are written without save_pretrained (which skips weights on ranks > 0
+    under a launch), yet hold what it holds: the same config, and a tied weight under its source's
+    name only, so merges and checks that match tensor names against the base still match."""
+    import json
+
+    from safetensors import safe_open
+
+    from cairn.models import resolve_folder
+
+    bundled = resolve_folder(ModelSpec("bundled", "smollm2-135m"))
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / Path(bundled).name).symlink_to(bundled)  # tiny-random reads its tokenizer
+    monkeypatch.setenv("CAIRN_CACHE", str(tmp_path / "cache"))
+    model, _ = load_model("tiny-random")
+    model.save_pretrained(tmp_path / "reference")
+    names = lambda folder: sorted(safe_open(str(folder / "model.safetensors"), "pt").keys())  # noqa: E731
+    cached = tmp_path / "cache" / "models" / Path(resolve_folder("tiny-random")).name
+    assert names(cached) == names(tmp_path / "reference") and "lm_head.weight" not in names(cached)
+    assert json.loads((cached / "config.json").read_text()) == json.loads((tmp_path / "reference" / "config.json").read_text())
+    assert fingerprint(model) == fingerprint(tiny[0])

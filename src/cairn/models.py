@@ -129,14 +129,18 @@ def _write_cached(model, tokenizer, folder: Path) -> None:
     writes it. transformers' `save_pretrained` skips the weights on every rank but 0 once
     torch.distributed is initialized, and any rank of a launch may be the one whose copy of the
     cache lands first: a folder without weights would then be kept for every later run."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it (the fingerprint reads the config)
     model.config.dtype = next(model.parameters()).dtype
     model.config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # a tied weight once, as transformers saves it
+    state = model.state_dict()
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tied in state and source in state and state[tied].data_ptr() == state[source].data_ptr():
+            del state[tied]  # a tied weight under its source's name only, as transformers saves it (merges match names)
+    save_file({name: t.contiguous() for name, t in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
 
 
