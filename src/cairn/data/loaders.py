@@ -53,13 +53,7 @@ def load_task(source: str, *, metric: str | None = None, name: str | None = None
     elif source.startswith("probe:"):
         task = load_probe(source.split(":", 1)[1])
     else:
-        source, limit = path_source(source)
-        try:
-            path = Path(source).expanduser()
-        except RuntimeError as exc:  # `~user` for a user who does not exist
-            raise DataError(f"task source not found: {source} ({exc})") from exc
-        if not path.exists():
-            raise DataError(f"task source not found: {source} (expected a .json/.jsonl file, a folder, pack:NAME or probe:NAME)")
+        source, path, limit = _existing_path(source, "a .json/.jsonl file, a folder, pack:NAME or probe:NAME")
         if path.is_dir():
             task = _load_folder(path, seed)
         else:
@@ -87,13 +81,7 @@ def load_train_split(source: str, *, seed: int = 0) -> Task:
     if source.startswith("pack:"):
         pack = _load_pack(source)
         return Task(pack.name, "exact", {"train": pack.train})
-    path_text, limit = path_source(source)
-    try:
-        path = Path(path_text).expanduser()
-    except RuntimeError as exc:
-        raise DataError(f"task source not found: {path_text} ({exc})") from exc
-    if not path.exists():
-        raise DataError(f"task source not found: {path_text} (expected a .json/.jsonl file, a folder or pack:NAME)")
+    _, path, limit = _existing_path(source, "a .json/.jsonl file, a folder or pack:NAME")
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         examples = _hf_train_rows(path)
     elif path.is_dir():
@@ -115,17 +103,37 @@ def load_train_split(source: str, *, seed: int = 0) -> Task:
 
 def _hf_train_rows(path: Path) -> list[Example]:
     """A datasets folder's train split (a DatasetDict's `train`; a single Dataset: every row)."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
 
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many types for a damaged folder
-        raise DataError(f"{path}: cannot load the datasets folder ({exc})") from exc
+    ds = _load_from_disk(path)
     if isinstance(ds, DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: no train split (has {', '.join(ds)}); a replay-only source needs its train split")
         ds = ds["train"]
     return [_example(row, f"{path} row {i}") for i, row in enumerate(ds)]
+
+
+def _existing_path(source: str, expected: str) -> tuple[str, Path, int | None]:
+    """(the path as written, the path, limit) of a file or folder source `PATH?limit=N` that exists;
+    else a DataError saying what was `expected`."""
+    text, limit = path_source(source)
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError as exc:  # `~user` for a user who does not exist
+        raise DataError(f"task source not found: {text} ({exc})") from exc
+    if not path.exists():
+        raise DataError(f"task source not found: {text} (expected {expected})")
+    return text, path, limit
+
+
+def _load_from_disk(path: Path):
+    """A `datasets` folder saved with save_to_disk; a damaged one is a DataError naming it."""
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise DataError(f"{path}: cannot load the datasets folder ({exc})") from exc
 
 
 def path_source(source: str) -> tuple[str, int | None]:
@@ -183,12 +191,9 @@ def _load_folder(path: Path, seed: int) -> Task:
 
 
 def _load_hf_dataset(path: Path, metric: str, seed: int) -> Task:
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict
 
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many types for a damaged folder
-        raise DataError(f"{path}: cannot load the datasets folder ({exc})") from exc
+    ds = _load_from_disk(path)
     if isinstance(ds, Dataset):
         records = [(f"row {i}", row) for i, row in enumerate(ds)]
         return _from_records(path.name, records, metric, seed, str(path))
