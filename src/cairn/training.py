@@ -110,6 +110,12 @@ def check_lora_rank(model, cfg: TrainConfig) -> None:
         )
 
 
+def is_trained(name: str, method: str) -> bool:
+    """Whether a `method` training trains the parameter `name` by default: every weight for FFT,
+    the adapters' for LoRA (so a model that already has adapters continues training them)."""
+    return method == "fft" or "lora_" in name
+
+
 def add_lora(model, cfg: TrainConfig):
     """Wrap `model` with a fresh PEFT LoRA adapter as configured."""
     from peft import get_peft_model
@@ -295,7 +301,7 @@ def train(
         )
     if cfg.method == "lora" and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
-    trainable = trainable or (lambda name: cfg.method == "fft" or "lora_" in name)
+    trainable = trainable or (lambda name: is_trained(name, cfg.method))
     for name, p in model.named_parameters():
         p.requires_grad_(trainable(name))
 

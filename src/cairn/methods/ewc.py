@@ -46,16 +46,11 @@ def saved_name(parameter: str) -> str:
     return parameter.replace(f".{ADAPTER}.", ".") if ".lora_" in parameter else parameter
 
 
-def is_trained(name: str, method: str) -> bool:
-    """The weights a stage trains (as `cairn.training.train` picks them by default): all for FFT, the adapter's for LoRA."""
-    return method == "fft" or "lora_" in name
-
-
 def diagonal_fisher(model, tokenizer, examples, method: str, *, batch_size: int = 1, max_length: int = 1024) -> dict[str, Tensor]:
     """{saved name: F} for the weights a `method` stage trains: the mean over consecutive batches of
     `batch_size` examples of the squared gradient of the batch's mean answer-token cross-entropy,
     in float32, weights unchanged."""
-    from cairn.training import answer_loss
+    from cairn.training import answer_loss, is_trained
 
     if not examples:
         raise ModelError("no examples to compute the Fisher information from")
