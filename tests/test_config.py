@@ -213,6 +213,18 @@ def test_a_sweep_of_a_merges_lambda_reaches_its_options_and_a_point_its_router_c
         parse_config({**QUICKSTART, "strategies": strategies, "sweep": {"set": {"strategies.u.top_k": [3]}}})
 
 
+def test_a_merge_of_at_most_k_inputs_is_refused_on_a_longer_stream_when_the_config_is_read():
+    tasks = QUICKSTART["tasks"]  # three
+    slerp = {"name": "s", "kind": "merge", "method": "slerp", "t": 0.5}
+    nuslerp = {"name": "n", "kind": "merge", "method": "nuslerp"}
+    with pytest.raises(ConfigError, match=r"strategy 's' \(kind merge\) runs at most 1 stage.*slerp merges at most 1 contribution.*stream has 3 tasks"):
+        parse_config({**QUICKSTART, "strategies": [slerp]})
+    with pytest.raises(ConfigError, match=r"nuslerp merges at most 2 contribution.*stream has 3 tasks"):
+        parse_config({**QUICKSTART, "strategies": [nuslerp]})
+    assert parse_config({**QUICKSTART, "tasks": tasks[:2], "strategies": [nuslerp]}).strategies[0].kind == "merge"
+    assert parse_config({**QUICKSTART, "tasks": tasks[:1], "strategies": [slerp]}).strategies[0].kind == "merge"
+
+
 # --- paths: a config file's relative paths are read from its folder ---------------------------------
 
 

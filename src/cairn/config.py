@@ -195,6 +195,13 @@ class ExperimentConfig(Strict):
             if self.chat_template and getattr(opts, "general", None) and s.kind == "replay" and not opts.general_chat_template:
                 raise ValueError(f"strategy {s.name!r} (kind replay) replays general data whose prompts would not be in the chat template the tasks use "
                                  "(chat_template: true); set general_chat_template: true")  # fmt: skip
+            most = opts.most_tasks()
+            if most is not None and len(self.tasks) > most:
+                raise ValueError(
+                    f"strategy {s.name!r} (kind {s.kind}) runs at most {most} stage(s) with these options ({getattr(opts, 'method', s.kind)} "
+                    f"merges at most {most} contribution(s), as mergekit's), but the stream has {len(self.tasks)} tasks; "
+                    f"give at most {most} task(s), or choose another method"
+                )
             try:
                 opts.check(train)  # what the kind declares it can run, before any model is loaded
             except ValueError as exc:

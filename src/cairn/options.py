@@ -65,6 +65,10 @@ class StrategyOptions(Strict):
     def fits(self, cfg: TrainConfig) -> None:
         """Raise ConfigError where these options do not go with the training config `cfg`."""
 
+    def most_tasks(self) -> int | None:
+        """The longest stream the kind can run with these options (None: any)."""
+        return None
+
     def check(self, cfg: TrainConfig) -> None:
         """Raise ValueError (its message follows "strategy NAME (kind KIND) ") where this kind
         cannot run these options with the training config `cfg`."""
@@ -174,6 +178,7 @@ class OSFOptions(StrategyOptions):
 class MergeParameters:
     reads: frozenset[str]  # which of MERGE_PARAMETERS (but normalize) the method reads
     normalize: bool | None  # mergekit's default; None: the method has no normalize
+    inputs: int | None = None  # the most inputs (contributions) it merges, as mergekit's; None: any number
 
 
 # Each merge method's parameters; its math is the function of the same name in methods/merge/methods.py.
@@ -186,12 +191,12 @@ MERGE_METHODS: dict[str, MergeParameters] = {
     "breadcrumbs": MergeParameters(frozenset({"density", "gamma", "lambda"}), False),
     "breadcrumbs_ties": MergeParameters(frozenset({"density", "gamma", "lambda"}), False),
     "model_stock": MergeParameters(frozenset({"filter_wise"}), None),
-    "slerp": MergeParameters(frozenset({"t"}), None),
+    "slerp": MergeParameters(frozenset({"t"}), None, inputs=1),
     "della": MergeParameters(frozenset({"density", "epsilon", "lambda", "seed"}), True),
     "della_linear": MergeParameters(frozenset({"density", "epsilon", "lambda", "seed"}), False),
     "sce": MergeParameters(frozenset({"select_topk"}), None),
     "karcher": MergeParameters(frozenset({"max_iter", "tol"}), None),
-    "nuslerp": MergeParameters(frozenset({"nuslerp_row_wise", "nuslerp_flatten"}), None),
+    "nuslerp": MergeParameters(frozenset({"nuslerp_row_wise", "nuslerp_flatten"}), None, inputs=2),
 }
 MERGE_PARAMETERS = ("density", "gamma", "epsilon", "lambda", "seed", "t", "filter_wise", "select_topk", "max_iter", "tol", "nuslerp_row_wise",
                     "nuslerp_flatten", "normalize")  # what a method may or may not read; fmt: skip
@@ -244,6 +249,10 @@ class MergeOptions(StrategyOptions):
     def fits(self, cfg: TrainConfig) -> None:
         if self.combine == "factors" and cfg.method != "lora":
             raise ConfigError(f"combine: factors merges LoRA factors, which {cfg.method} contributions (full fine-tunes) lack; use combine: delta, or train: {{method: lora}}")
+
+    def most_tasks(self) -> int | None:
+        """Stage s merges s contributions: a method that merges at most k inputs runs k stages."""
+        return MERGE_METHODS[self.method].inputs
 
     def kwargs(self) -> dict:
         spec = MERGE_METHODS[self.method]
