@@ -236,14 +236,19 @@ def test_replay_with_general_data_runs_end_to_end(tmp_path):
     assert [len(s["replayed_general"]["general"]) for s in stages] == [3, 3] and len(results["strategies"]["rg"]["R"]) == 3
 
 
-def test_the_continual_baselines_config_runs_every_new_kind_on_the_quickstart_stream_in_the_semi_setting():
+def test_the_continual_baselines_config_tunes_every_new_kind_and_merge_at_equal_budget_on_the_quickstart_stream():
     from pathlib import Path
 
-    from cairn.config import load_config
+    from cairn.config import load_config, tuning_grid
+    from cairn.options import MERGE_METHODS
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "continual-baselines.yaml")
     assert cfg.setting == "semi" and [t.source for t in cfg.tasks] == QUICKSTART["tasks"] and len(cfg.seeds) == 3
-    assert {s.kind for s in cfg.strategies} == {"sequential", "l2", "ewc", "lwf", "magmax", "opcm", "osf"}
+    assert {s.kind for s in cfg.strategies} == {"sequential", "l2", "ewc", "lwf", "magmax", "opcm", "osf", "merge"}
+    merged = {s.typed_options().method for s in cfg.strategies if s.kind == "merge"}
+    assert merged == {m for m, p in MERGE_METHODS.items() if p.inputs is None} - {"average", "task_arithmetic", "dare_linear", "dare_ties"}
+    points = tuning_grid(cfg, cfg.tune)
+    assert len(points) == 3 * len(cfg.strategies) and cfg.tune.seeds == [0]  # the same budget for each
 
 
 @pytest.mark.parametrize("kind", ["l2", "ewc", "lwf", "magmax", "opcm", "osf"])
