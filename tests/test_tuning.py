@@ -108,6 +108,8 @@ def test_in_the_semi_setting_each_contributor_chooses_its_own_training_settings(
     assert {t["task"] for t in summary["contributor_tries"]} == {"alpha", "beta"} and len(summary["contributor_tries"]) == 4
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["strategies"][0]["task_train"] == per_task
+    # the tries share OUT/cache with the grid and the verdict, which reuse the chosen ones: 4 trainings in all
+    assert not (tmp_path / "out" / "tuning" / "cache").exists() and len(list((tmp_path / "out" / "cache" / "contributions").iterdir())) == 4
 
 
 def test_cairn_frontier_writes_the_frontier_without_a_verdict_and_refuses_bad_options(config, tmp_path, capsys):

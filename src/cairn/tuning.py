@@ -192,7 +192,7 @@ def _train_keys(point: dict) -> dict:
     return {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("train.")}
 
 
-def _contributor_choices(cfg: ExperimentConfig, tune: TuneSpec, points, out: Path, seeds: list[int], progress: bool, log) -> tuple[dict, list[dict]]:
+def _contributor_choices(cfg: ExperimentConfig, tune: TuneSpec, points, out: Path, cache: Path, seeds: list[int], progress: bool, log) -> tuple[dict, list[dict]]:
     """Semi setting: per strategy and task, the training settings its contributor chooses for the
     task's contribution (trained from the base on that task alone, scored on its eval split and the
     probe's eval half). Returns ({strategy: {task name: train overrides}}, the rows of every try)."""
@@ -215,7 +215,7 @@ def _contributor_choices(cfg: ExperimentConfig, tune: TuneSpec, points, out: Pat
             return {}, []
         one = _grid_config(cfg.model_copy(update={"tasks": [task]}), [v for v, *_ in variants], seeds, f"{cfg.name} contributor {k}")
         log(f"contributor {k + 1}/{len(cfg.tasks)}: {len(variants)} training setting(s) on its own task")
-        result = run_experiment(one, out / f"contributor-{k}", cache=out / "cache", eval_splits=True, progress=progress, log=log)
+        result = run_experiment(one, out / f"contributor-{k}", cache=cache, eval_splits=True, progress=progress, log=log)
         if result is None:
             continue
         task_name = result["tasks"][0]
@@ -237,7 +237,7 @@ def run_tuning(cfg: ExperimentConfig, out: Path | None = None, *, verdict: bool 
     log(f"tuning: {len(cfg.strategies)} strategies × {tune.points()} grid point(s) × {len(seeds)} seed(s), chosen on eval splits by {tune.metric}")
     task_train, tries = {}, []
     if cfg.setting == "semi":
-        task_train, tries = _contributor_choices(cfg, tune, points, out / "tuning", seeds, progress, log)
+        task_train, tries = _contributor_choices(cfg, tune, points, out / "tuning", out / "cache", seeds, progress, log)
     strategies, grid_points = [], []
     for variant, strategy, point, spec in points:
         if strategy in task_train:  # the contributors chose the training settings; the grid left is the options'
