@@ -161,25 +161,26 @@ def plot(summary: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     metric = summary["metric"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    many = len(summary["frontier"]["strategies"]) > 6  # then the legend goes beside the axes, not over the points
+    fig, ax = plt.subplots(figsize=(8.4 if many else 6.4, 4.4), layout="constrained")
     rows = {r["variant"]: r for r in summary["rows"]}
     for k, (strategy, v) in enumerate(summary["frontier"]["strategies"].items()):
-        colour = f"C{k % 10}"
+        colour, marker = f"C{k % 10}", "osD^v"[k // 10 % 5]  # past 10 strategies the colours repeat: the marker tells them apart
         pts = [rows[p] for p in v["points"]]
         ax.errorbar([p["test"][metric]["mean"] for p in pts], [p["test"]["old_change"]["mean"] or 0.0 for p in pts],
                     xerr=[p["test"][metric]["ci95"] or 0.0 for p in pts], yerr=[p["test"]["old_change"]["ci95"] or 0.0 for p in pts],
-                    fmt="o", color=colour, alpha=0.45, capsize=2)
+                    fmt=marker, color=colour, alpha=0.45, capsize=2)
         front = [rows[p] for p in v["front"]]
-        ax.plot([p["test"][metric]["mean"] for p in front], [p["test"]["old_change"]["mean"] or 0.0 for p in front], "-o", color=colour, label=strategy)
+        ax.plot([p["test"][metric]["mean"] for p in front], [p["test"]["old_change"]["mean"] or 0.0 for p in front], "-" + marker, color=colour, label=strategy)
         chosen = summary["chosen"].get(strategy)
         if chosen:
-            ax.plot(chosen["test"][metric]["mean"], chosen["test"]["old_change"]["mean"] or 0.0, "*", ms=14, color=colour, mec="black")
+            ax.plot(chosen["test"][metric]["mean"], chosen["test"]["old_change"]["mean"] or 0.0, marker, ms=11, color=colour, mec="black", mew=1.6)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel(f"new knowledge: {metric} at the last stage (test; higher is better)")
     ax.set_ylabel("old_change: G − G[0] (test; 0 is no forgetting)")
-    ax.set_title(f"learning vs forgetting, {len(summary['seeds'])} seed(s); line: Pareto front, ★: chosen on eval")
+    ax.set_title(f"learning vs forgetting, {len(summary['seeds'])} seed(s); line: Pareto front, black edge: chosen on eval")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     return save_png(fig, out / "frontier.png")
 
 
