@@ -21,6 +21,20 @@ def test_quickstart_yaml_equals_the_built_in_quickstart():
     assert on_disk.model_dump(exclude={"out"}) == quickstart().model_dump(exclude={"out"})
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_its_tuning_grid_gives_each_strategy_the_same_budget(name):
+    from cairn.config import tuning_grid
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    if cfg.tune is not None:
+        points = tuning_grid(cfg, cfg.tune)
+        per_strategy = {}
+        for _, strategy, *_ in points:
+            per_strategy[strategy] = per_strategy.get(strategy, 0) + 1
+        assert set(per_strategy) == {s.name for s in cfg.strategies}
+        assert set(per_strategy.values()) == {cfg.tune.points()}
+
+
 def test_strategy_training_merges_defaults_overrides_and_seed():
     cfg = quickstart()
     fft = cfg.train_config(cfg.strategies[0], seed=3)
