@@ -84,6 +84,18 @@ def test_the_matched_comparison_picks_on_eval_and_reports_test():
     assert at_half["keeps_most"] == "fft" and at_half["strategies"]["fft"]["old_change"]["mean"] == -0.25
 
 
+def test_the_matched_comparison_tests_the_winner_against_each_other_strategy_over_seeds():
+    rows = [row("lora", "l1", 0.8, -0.6, 0.8, -0.6), row("fft", "f1", 0.8, -0.2, 0.8, -0.2)]
+    rows[0]["test_old_change"], rows[1]["test_old_change"] = [-0.62, -0.6, -0.58], [-0.21, -0.2, -0.19]
+    clear = frontier(rows, "op", at=(0.5,))["matched"][0]
+    assert clear["keeps_most"] == "fft" and clear["p"]["lora"] < 0.001
+    rows[0]["test_old_change"] = [-0.9, -0.1, -0.8]  # as far apart on average, but noisy
+    noisy = frontier(rows, "op", at=(0.5,))["matched"][0]
+    assert noisy["p"]["lora"] > 0.05
+    rows[0]["test_old_change"] = [-0.6]
+    assert frontier(rows, "op", at=(0.5,))["matched"][0]["p"]["lora"] is None  # one seed: nothing to test
+
+
 def test_tuning_chooses_per_strategy_then_runs_the_verdict_at_the_chosen_setting(config, tmp_path):
     summary = run_tuning(parse_config(config), tmp_path / "out", progress=False, log=lambda *_: None)
     assert set(summary["chosen"]) == {"seq", "avg"} and summary["budget"] == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import math
 import html
 import io
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from cairn.errors import DataError
-from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage
+from cairn.evaluation.scores import SUMMARY_KEYS, mean_ci, per_stage, welch_p
 from cairn.io import atomic_write_json, atomic_write_text, read_json_object
 
 SCHEMA = 1
@@ -132,13 +131,9 @@ def rank(results: dict, metric: str = "op") -> list[dict]:
         best = rows[0]["values"]
         if r is rows[0]:
             r.update(p=None, tied=True)
-        elif len(best) < 2 or len(r["values"]) < 2:
+        elif (p := welch_p(best, r["values"])) is None:
             r.update(p=None, tied=None)  # one seed: no significance can be claimed
         else:
-            from scipy.stats import ttest_ind
-
-            p = float(ttest_ind(best, r["values"], equal_var=False).pvalue)
-            p = 1.0 if math.isnan(p) else p  # identical constant scores
             r.update(p=round(p, 4), tied=p >= ALPHA)
     return rows
 

@@ -25,10 +25,10 @@ import math
 from pathlib import Path
 
 from cairn.config import ExperimentConfig, TuneSpec, parse_config, tuning_grid, variant_name
-from cairn.evaluation.scores import mean_ci
+from cairn.evaluation.scores import mean_ci, welch_p
 from cairn.experiment import run_experiment
 from cairn.io import atomic_write_json, atomic_write_text
-from cairn.report import CHANGES, finished_runs, save_png, write_report
+from cairn.report import ALPHA, CHANGES, finished_runs, save_png, write_report
 from cairn.sweep import format_stat
 
 SCHEMA = 1
@@ -54,6 +54,7 @@ def point_rows(result: dict, points: list[tuple[str, str, dict]], metric: str) -
             "runs": len(runs),
             "eval": {k: _stat(runs, "final", k, True)["mean"] if runs else None for k in (metric, "new", "old_change")},
             "test": {k: _stat(runs, "final", k, False) if runs else mean_ci([]) for k in (metric, "new", "old_change")},
+            "test_old_change": [r["final"]["old_change"] for r in runs if r["final"]["old_change"] is not None],  # per seed, for Welch's p
             "train_wall_s": round(sum(r["cost"]["train_wall_s"] for r in (entry["seeds"].values() if "seeds" in entry else [entry])), 1),
         })
     return rows
@@ -98,14 +99,17 @@ def frontier(rows: list[dict], metric: str, at: tuple[float, ...] = MATCHED_AT) 
         by_strategy[strategy] = {"points": [r["variant"] for r in mine], "front": [mine[i]["variant"] for i in pareto(xy)]}
     matched = []
     for x in at:
-        entry = {"at": x, "strategies": {}}
+        entry, seeds = {"at": x, "strategies": {}}, {}
         for strategy in by_strategy:
             able = [r for r in rows if r["strategy"] == strategy and r["eval"][metric] is not None and r["eval"][metric] >= x]
             if able:
                 best = max(able, key=lambda r: r["eval"]["old_change"] if r["eval"]["old_change"] is not None else -math.inf)
                 entry["strategies"][strategy] = {"variant": best["variant"], metric: best["test"][metric], "old_change": best["test"]["old_change"]}
+                seeds[strategy] = best.get("test_old_change", [])
         kept = {s: v["old_change"]["mean"] for s, v in entry["strategies"].items() if v["old_change"]["mean"] is not None}
-        entry["keeps_most"] = max(kept, key=kept.get) if kept else None
+        entry["keeps_most"] = winner = max(kept, key=kept.get) if kept else None
+        # Welch's p of each other strategy's test old_change against the one that keeps the most
+        entry["p"] = {s: welch_p(seeds[winner], seeds[s]) for s in kept if s != winner} if winner else {}
         matched.append(entry)
     return {"metric": metric, "strategies": by_strategy, "matched": matched}
 
@@ -148,9 +152,18 @@ def markdown(summary: dict) -> str:
         for s in front["strategies"]:
             v = m["strategies"].get(s)
             cells.append(f"{format_stat(v[metric], False)} / {format_stat(v['old_change'], True)}" if v else "does not reach x")
-        out.append(f"| {m['at']} | " + " | ".join(cells) + f" | {m['keeps_most'] or '–'} |")
-    out += ["", f"Cells: test {metric} / test old_change, mean ± 95% CI over the tuning seeds.", ""]
+        out.append(f"| {m['at']} | " + " | ".join(cells) + f" | {_keeps_most(m)} |")
+    out += ["", f"Cells: test {metric} / test old_change, mean ± 95% CI over the tuning seeds. p: Welch's t-test of each other strategy's "
+            f"test old_change against the one that keeps the most; below {ALPHA} the difference is significant.", ""]
     return "\n".join(out)
+
+
+def _keeps_most(matched: dict) -> str:
+    """The matched comparison's winner with its p against each other strategy ('–' if none reached x)."""
+    if not matched["keeps_most"]:
+        return "–"
+    ps = [f"p = {p:.2g} vs {s}" if p is not None else f"vs {s}: one seed, no test" for s, p in matched.get("p", {}).items()]
+    return matched["keeps_most"] + (f" ({'; '.join(ps)})" if ps else "")
 
 
 def plot(summary: dict, out: Path) -> str:

@@ -55,3 +55,14 @@ def mean_ci(values: list[float | None]) -> dict[str, float | None]:
         return {"mean": xs[0], "ci95": None, "n": 1}
     t = _T975[len(xs) - 2] if len(xs) - 1 <= len(_T975) else 1.96
     return {"mean": mean(xs), "ci95": t * stdev(xs) / math.sqrt(len(xs)), "n": len(xs)}
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p of Welch's t-test that two samples of seeds share a mean; None with fewer than
+    two values on either side (no variance to test), 1.0 where both are constant and equal."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy.stats import ttest_ind
+
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return 1.0 if math.isnan(p) else p
