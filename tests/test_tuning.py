@@ -4,7 +4,7 @@ import pytest
 
 from cairn.config import LR_BRACKET, TuneSpec, parse_config, tuning_grid
 from cairn.errors import ConfigError
-from cairn.tuning import choose, frontier, pareto, run_tuning
+from cairn.tuning import _point_label, choose, frontier, pareto, run_tuning
 
 
 def split_tasks(folder, names=("alpha", "beta")) -> list[str]:
@@ -94,6 +94,11 @@ def test_the_matched_comparison_tests_the_winner_against_each_other_strategy_ove
     assert noisy["p"]["lora"] > 0.05
     rows[0]["test_old_change"] = [-0.6]
     assert frontier(rows, "op", at=(0.5,))["matched"][0]["p"]["lora"] is None  # one seed: nothing to test
+
+
+def test_a_frontier_point_is_labelled_by_its_grid_values_short():
+    assert _point_label({"train.lr": 5e-4, "train.lora_r": 16}) == "lr 5e-4, r 16"
+    assert _point_label({"train.lr": 2e-05, "density": 0.5}) == "lr 2e-5, density 0.5"
 
 
 def test_tuning_chooses_per_strategy_then_runs_the_verdict_at_the_chosen_setting(config, tmp_path):

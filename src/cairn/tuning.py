@@ -166,6 +166,13 @@ def _keeps_most(matched: dict) -> str:
     return matched["keeps_most"] + (f" ({'; '.join(ps)})" if ps else "")
 
 
+def _point_label(values: dict) -> str:
+    """A grid point's values, short: {"train.lr": 5e-4, "train.lora_r": 16} -> "lr 5e-4, r 16"."""
+    def short(v):
+        return f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float) and 0 < abs(v) < 0.01 else f"{v:g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{k.rsplit('.', 1)[-1].removeprefix('lora_')} {short(v)}" for k, v in values.items())
+
+
 def plot(summary: dict, out: Path) -> str:
     """frontier.png: per strategy, its points (test metric, test old_change) with CI bars and its Pareto front as a line."""
     import matplotlib
@@ -183,6 +190,10 @@ def plot(summary: dict, out: Path) -> str:
         ax.errorbar([p["test"][metric]["mean"] for p in pts], [p["test"]["old_change"]["mean"] or 0.0 for p in pts],
                     xerr=[p["test"][metric]["ci95"] or 0.0 for p in pts], yerr=[p["test"]["old_change"]["ci95"] or 0.0 for p in pts],
                     fmt=marker, color=colour, alpha=0.45, capsize=2)
+        if not many:  # few points: name each by its grid values, so the plot reads without tune.md
+            for p in pts:
+                ax.annotate(_point_label(p["values"]), (p["test"][metric]["mean"], p["test"]["old_change"]["mean"] or 0.0),
+                            textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
         front = [rows[p] for p in v["front"]]
         ax.plot([p["test"][metric]["mean"] for p in front], [p["test"]["old_change"]["mean"] or 0.0 for p in front], "-" + marker, color=colour, label=strategy)
         chosen = summary["chosen"].get(strategy)
