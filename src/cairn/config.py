@@ -610,7 +610,7 @@ QUICKSTART = {
         {"name": "seq-lora", "kind": "sequential"},
         {"name": "replay-lora", "kind": "replay", "rate": 0.1},
         {"name": "joint-lora", "kind": "joint"},
-        {"name": "olora", "kind": "olora"},
+        {"name": "olora", "kind": "olora", "raw": True},
         {"name": "merge-ties", "kind": "merge", "method": "ties", "density": 0.5},
         {"name": "merge-average", "kind": "merge", "method": "average"},
         {"name": "moe-centroid", "kind": "moe", "router": "centroid"},
