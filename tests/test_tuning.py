@@ -4,7 +4,7 @@ import pytest
 
 from cairn.config import LR_BRACKET, TuneSpec, parse_config, tuning_grid
 from cairn.errors import ConfigError
-from cairn.tuning import _point_label, choose, frontier, pareto, run_tuning
+from cairn.tuning import _keeps_most, _point_label, choose, frontier, pareto, run_tuning
 
 
 def split_tasks(folder, names=("alpha", "beta")) -> list[str]:
@@ -93,7 +93,9 @@ def test_the_matched_comparison_tests_the_winner_against_each_other_strategy_ove
     noisy = frontier(rows, "op", at=(0.5,))["matched"][0]
     assert noisy["p"]["lora"] > 0.05
     rows[0]["test_old_change"] = [-0.6]
-    assert frontier(rows, "op", at=(0.5,))["matched"][0]["p"]["lora"] is None  # one seed: nothing to test
+    one_seed = frontier(rows, "op", at=(0.5,))["matched"][0]
+    assert one_seed["p"]["lora"] is None and _keeps_most(one_seed) == "fft (one seed: no test)"  # nothing to test
+    assert _keeps_most(clear).startswith("fft (p = ") and _keeps_most(clear).endswith(" vs lora)")
 
 
 def test_a_frontier_point_is_labelled_by_its_grid_values_short():

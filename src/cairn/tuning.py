@@ -162,8 +162,9 @@ def _keeps_most(matched: dict) -> str:
     """The matched comparison's winner with its p against each other strategy ('–' if none reached x)."""
     if not matched["keeps_most"]:
         return "–"
-    ps = [f"p = {p:.2g} vs {s}" if p is not None else f"vs {s}: one seed, no test" for s, p in matched.get("p", {}).items()]
-    return matched["keeps_most"] + (f" ({'; '.join(ps)})" if ps else "")
+    winner, others = matched["keeps_most"], matched.get("p", {})
+    tested = [f"p = {p:.2g} vs {s}" for s, p in others.items() if p is not None]
+    return f"{winner} ({'; '.join(tested)})" if tested else f"{winner} (one seed: no test)" if others else winner
 
 
 def _point_label(values: dict) -> str:
