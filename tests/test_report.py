@@ -100,6 +100,11 @@ def test_a_tuned_strategy_shows_its_tuning_seconds_beside_the_training_seconds()
     assert ranking_table(rank(seeded({"a": [0.5, 0.6]})))[0][-1] == "train s"
 
 
+def test_a_p_too_small_to_print_in_three_decimals_reads_below_one_in_a_thousand():
+    header, rows = ranking_table(rank(seeded({"best": [0.90, 0.91, 0.92], "worst": [0.10, 0.11, 0.12]})))
+    assert rows[1][header.index("p vs best")] == "< 0.001" and rows[1][header.index("same group as the best")] == "no"
+
+
 def test_the_final_plot_marks_a_zero_and_writes_n_a_for_a_missing_value_on_separate_axes(tmp_path, monkeypatch):
     import cairn.report as report
 

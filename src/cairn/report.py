@@ -168,7 +168,7 @@ def ranking_table(ranking: list[dict], metric: str = "op") -> Table:
     for i, r in enumerate(ranking, 1):
         ci = f" ± {r['ci95']:.3f}" if r["ci95"] is not None else ""
         group = {True: "yes", False: "no", None: "– (one seed)"}[r["tied"]]
-        cells = [str(i), r["strategy"], f"{r['mean']:.3f}{ci}", "–" if r["p"] is None else f"{r['p']:.3f}", group, f"{r['train_s']:.0f}"]
+        cells = [str(i), r["strategy"], f"{r['mean']:.3f}{ci}", "–" if r["p"] is None else "< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}", group, f"{r['train_s']:.0f}"]
         if tuned:
             cells.append(f"{r['tuning']['train_wall_s']:.0f}" if r["tuning"] else "–")
         rows.append(cells)
