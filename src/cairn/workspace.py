@@ -138,7 +138,10 @@ class Workspace:
             result = likelihood_scores(model, self.tokenizer, task, split=split)
             return {"logprob": round(result.mean_logprob, 4), "ranked_first": round(result.ranked_first, 4), "n": result.n}
 
-        return self._cached(model_fp, task, "likelihood", split, compute)
+        # A mixture routing by the whole prompt is read under the prompt's routing (as it generates);
+        # readings cached before that routed on prompt + answer and are not reused.
+        kind = "likelihood/prompt-routed" if getattr(model, "reads_whole_prompt", False) else "likelihood"
+        return self._cached(model_fp, task, kind, split, compute)
 
     def alone(self, base, name: str, task: Task) -> float:
         """The test score on `task` of the contribution `name` (a folder under contributions/)

@@ -129,6 +129,19 @@ def test_batched_generation_routes_each_prompt_as_alone(experts, tiny):
     assert out.past_key_values.get_seq_length() == ids.shape[1] + 3
 
 
+def test_likelihood_scores_a_prompt_routed_mixtures_answers_under_the_prompts_routing(experts, tiny):
+    from cairn.evaluation.likelihood import candidate_logprobs
+
+    folders, peft_models, prompts = experts
+    _, tokenizer = tiny
+    moe = attach_experts(base_copy(), folders, MoeOptions(router="centroid", top_k=1))
+    for k in range(2):  # each contributor's prompt goes to its expert, whose answers the mixture then scores
+        asked = [prompts[k][3], prompts[k][5]]
+        candidates = [["Zorville", "a long answer of many words"], ["x"]]
+        got, expert = candidate_logprobs(moe, tokenizer, asked, candidates), candidate_logprobs(peft_models[k], tokenizer, asked, candidates)
+        assert all(abs(a - b) < 1e-4 for g, e in zip(got, expert) for a, b in zip(g, e))
+
+
 def test_token_granularity_routes_every_position(experts):
     folders, _, _ = experts
     moe = attach_experts(base_copy(), folders, MoeOptions(router="random", granularity="token"))
