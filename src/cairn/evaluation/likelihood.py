@@ -47,8 +47,7 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: list[li
     generates; prompts that open alike (few-shot examples) share that prefix's cache, as in
     generation. On the bundled model's 64-question probe, 4 candidates each, this takes 2.4 s where
     a forward pass per (prompt, candidate) took 21 s (2 CPU cores; batches of 16 prompts took 2.9 s).
-    Over-long prompts lose tokens
-    from the left so that the longest candidate fits `max_length`."""
+    Over-long prompts lose tokens from the left so that the longest candidate fits `max_length`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
