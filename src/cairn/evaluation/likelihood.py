@@ -45,8 +45,8 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: list[li
     Each prompt is read once and its candidates from its KV cache, one candidate per row at a
     time so that a mixture routing by the whole prompt keeps the prompt's routing, as when it
     generates; prompts that open alike (few-shot examples) share that prefix's cache, as in
-    generation. On the bundled model's 64-question probe, 4 candidates each, this takes 2.4 s where
-    a forward pass per (prompt, candidate) took 21 s (2 CPU cores; batches of 16 prompts took 2.9 s).
+    generation. On the bundled model's 64-question probe, 4 candidates each, this takes 3.1 s where
+    a forward pass per (prompt, candidate) takes 21.3 s, same scores within 2e-5 (bench/likelihood.py).
     Over-long prompts lose tokens from the left so that the longest candidate fits `max_length`."""
     was_training = model.training
     model.eval()
