@@ -32,10 +32,25 @@ def shared_prefix(encoded: list[list[int]]) -> int:
     return n
 
 
+def usable_prefix(model, encoded: list[list[int]]) -> int:
+    """Tokens of `encoded`'s shared prefix worth reading once: none for a model that must see each
+    prompt whole in one pass (a LoRA-MoE routing by the whole prompt sets `reads_whole_prompt`),
+    none below MIN_SHARED_PREFIX."""
+    shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
 def prefix_cache(model, ids: list[int], device):
     """The KV cache of `model` after reading `ids` (one sequence)."""
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
     return out.cache
+
+
+def repeated(cache, rows: int):
+    """A copy of a one-sequence KV `cache` for a batch of `rows` (the original stays for the next batch)."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 class FirstCharacter(StoppingCriteria):
@@ -70,8 +85,7 @@ def generate(
     if isinstance(limit, int) and max_new_tokens > limit:
         raise ConfigError(f"max_new_tokens {max_new_tokens} is more than the model's {limit} positions (max_position_embeddings); ask for at most {limit}")
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    shared = usable_prefix(model, encoded)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad = pad_id(tokenizer)
     config = GenerationConfig(
@@ -94,8 +108,7 @@ def generate(
             width = ids.shape[1]
             extra = {}
             if cache is not None:
-                extra["cache"] = copy.deepcopy(cache)
-                extra["cache"].batch_repeat_interleave(len(batch))
+                extra["cache"] = repeated(cache, len(batch))
             if first_character:
                 extra["stopping_criteria"] = StoppingCriteriaList([FirstCharacter(tokenizer, width)])
             out = model.generate(

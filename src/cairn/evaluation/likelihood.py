@@ -17,7 +17,7 @@ import torch
 
 from cairn.data.batching import IGNORE, collate, continuation, left_padded, pad_id
 from cairn.data.task import Example, Task
-from cairn.evaluation.generation import MIN_SHARED_PREFIX, prefix_cache, shared_prefix
+from cairn.evaluation.generation import prefix_cache, repeated, usable_prefix
 
 
 @dataclass
@@ -57,8 +57,7 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: list[li
     for p, ans in zip(prompts, answers):
         ids = tokenizer(p, add_special_tokens=True)["input_ids"]
         encoded.append(ids[max(0, len(ids) + max(map(len, ans)) - max_length) :])
-    shared = 0 if getattr(model, "reads_whole_prompt", False) else shared_prefix(encoded)
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    shared = usable_prefix(model, encoded)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: list[list[float]] = [[] for _ in prompts]
     prefix = prefix_cache(model, encoded[0][:shared], device) if shared else None
@@ -66,12 +65,8 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: list[li
         batch = order[start : start + batch_size]
         ids, mask = left_padded([encoded[i][shared:] for i in batch], pad, encoded[0][:shared])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        if prefix is not None:
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(batch))
         read = model(input_ids=ids[:, shared:].to(device), attention_mask=mask.to(device), position_ids=positions[:, shared:].to(device),
-                     cache=cache, use_cache=True, logits_to_keep=1)
+                     cache=repeated(prefix, len(batch)) if prefix is not None else None, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(read.logits[:, -1].float(), -1)  # the distribution of each answer's first token
         for slot in range(max(len(answers[i]) for i in batch)):
             # A prompt with fewer candidates repeats its last in the slots it lacks (not read back).
@@ -84,9 +79,10 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: list[li
             logp = torch.log_softmax(step.logits[:, :-1].float(), -1)  # position j predicts answer token j + 1
             later = rows["labels"][:, 1:].to(device)
             total = first.gather(1, a_ids[:, :1]).squeeze(1) + (logp.gather(-1, later.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (later != IGNORE)).sum(-1)
+            means = (total / a_mask.sum(-1)).tolist()
             for row, i in enumerate(batch):
                 if slot < len(answers[i]):
-                    out[i].append((total[row] / a_mask[row].sum()).item())
+                    out[i].append(means[row])
     model.train(was_training)
     return out
 
